@@ -1,0 +1,234 @@
+"""Typed run configuration, loaded from YAML with strict validation.
+
+Each component owns a dataclass; :class:`RunConfig` nests them.  Loading rejects unknown keys and
+wrong types with one-line errors naming the field, the value and the fix, before any process
+starts.  ``RunConfig.to_dict()`` is what a run writes to ``RUN_DIR/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from drpo_megatron.models.tiny import TinyModelConfig
+from drpo_megatron.rollout.server import ServerConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field, the value and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    # HF checkpoint directory of the initial policy; empty = build the embedded tiny Qwen3-MoE.
+    hf_path: str = ""
+    # Where the embedded tiny checkpoint is built / reused.
+    cache_dir: str = "~/.cache/drpo-megatron"
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    # Training precision of the Megatron policy: fp32 or bf16 (FP8 is a GPU feature).
+    dtype: str = "fp32"
+
+
+@dataclass
+class TaskConfig:
+    kind: str = "arithmetic"
+    num_train: int = 2000
+    num_eval: int = 64
+    max_operand: int = 49
+    seed: int = 0
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 16
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+@dataclass
+class LossSection:
+    """``name`` picks the policy loss from ``drpo_megatron.algorithms.POLICY_LOSSES``; ``params``
+    go to that loss's typed config (e.g. ``{delta: 12.5}`` for DRPO)."""
+
+    name: str = "drpo"
+    params: dict = field(default_factory=lambda: {"delta": 12.5})
+    aggregation: str = "seq-mean-token-sum-norm"
+    # Constant horizon H of seq-mean-token-sum-norm (the paper: max response length 8192).
+    horizon: int = 16
+    advantage: str = "dr_grpo"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    # Optimizer steps per rollout step: the rollout batch is split into this many mini-batches.
+    updates_per_rollout: int = 2
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 30
+    eval_every: int = 10
+    eval_samples_per_prompt: int = 4
+    seed: int = 1234
+
+
+@dataclass
+class LoggingConfig:
+    writers: list = field(default_factory=lambda: ["jsonl", "tensorboard"])
+
+
+@dataclass
+class RunConfig:
+    name: str = "embedded-cpu-drpo"
+    output_dir: str = "runs/embedded-cpu-drpo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossSection = field(default_factory=LossSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------- loading
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(path: str, value: Any, tp) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of {_type_name(tp)} fields, got "
+                              f"{value!r}; write it as a YAML mapping")
+        return _build(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+        return _coerce(path, value, tp)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}={value!r}: expected a number; write e.g. {path.split('.')[-1]}: 1.0")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}={value!r}: expected an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}={value!r}: expected true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}={value!r}: expected a string")
+        return value
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}={value!r}: expected a list")
+        return list(value)
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}={value!r}: expected a mapping")
+        return dict(value)
+    return value
+
+
+def _build(cls, data: dict[str, Any], prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(f"unknown config key {path!r}; valid keys here: {sorted(names)}")
+        kwargs[key] = _coerce(path, value, hints[key])
+    return cls(**kwargs)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "params":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults <- YAML file <- overrides (nested dicts), validated."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config {str(path)!r}: file not found; pass a YAML file such as "
+                              f"model_configs/tiny_qwen3_moe_cpu.yaml")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {str(path)!r}: not valid YAML ({e})") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config {str(path)!r}: top level must be a mapping, got {type(data).__name__}")
+    if overrides:
+        data = _merge(data, overrides)
+    cfg = _build(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Semantic checks that do not need any process to start."""
+    def positive(path: str, value, kind=int):
+        if value <= 0:
+            raise ConfigError(f"{path}={value!r} must be > 0")
+
+    r, o, t, l = cfg.rollout, cfg.optim, cfg.train, cfg.loss
+    positive("rollout.prompts_per_step", r.prompts_per_step)
+    positive("rollout.max_new_tokens", r.max_new_tokens)
+    if r.samples_per_prompt < 2:
+        raise ConfigError(f"rollout.samples_per_prompt={r.samples_per_prompt} must be >= 2: group "
+                          "advantages need at least two samples per prompt")
+    if r.temperature <= 0:
+        raise ConfigError(f"rollout.temperature={r.temperature} must be > 0 (log-probs are computed "
+                          "from logits / temperature; greedy rollouts are not supported for RL)")
+    if not 0 < r.top_p <= 1:
+        raise ConfigError(f"rollout.top_p={r.top_p} must be in (0, 1]")
+    positive("train.max_steps", t.max_steps)
+    positive("optim.lr", o.lr)
+    positive("optim.updates_per_rollout", o.updates_per_rollout)
+    if r.prompts_per_step % o.updates_per_rollout:
+        raise ConfigError(
+            f"optim.updates_per_rollout={o.updates_per_rollout} must divide rollout.prompts_per_step="
+            f"{r.prompts_per_step} (mini-batches hold whole prompt groups)")
+    if cfg.model.dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"model.dtype={cfg.model.dtype!r}: choose 'fp32' or 'bf16' (FP8 training "
+                          "is set in the GPU model configs and needs Transformer Engine)")
+    if cfg.model.hf_path and not Path(cfg.model.hf_path).expanduser().is_dir():
+        raise ConfigError(f"model.hf_path={cfg.model.hf_path!r}: directory not found; point it at an "
+                          "HF checkpoint or leave it empty for the embedded tiny policy")
+    if cfg.task.kind != "arithmetic":
+        raise ConfigError(f"task.kind={cfg.task.kind!r}: only 'arithmetic' is built in")
+    positive("loss.horizon", l.horizon)
+    if l.aggregation == "seq-mean-token-sum-norm" and l.horizon < r.max_new_tokens:
+        raise ConfigError(
+            f"loss.horizon={l.horizon} is below rollout.max_new_tokens={r.max_new_tokens}: the "
+            "constant horizon must be at least the longest response")

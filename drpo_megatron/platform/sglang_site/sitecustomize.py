@@ -1,0 +1,9 @@
+"""Start-up hook for SGLang server processes launched by drpo-megatron on a CPU-only machine.
+
+This folder is put on ``PYTHONPATH`` of the server (and its spawned scheduler / detokenizer
+children) only when there is no CUDA device; see ``drpo_megatron.platform.sglang_cpu``.
+"""
+
+from drpo_megatron.platform.sglang_cpu import define_torchvision_op_schemas
+
+define_torchvision_op_schemas()

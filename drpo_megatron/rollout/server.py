@@ -1,0 +1,207 @@
+"""Launch and talk to a stock SGLang server (``python -m sglang.launch_server``).
+
+Every wait has a timeout and logs what it waits for; a timeout or a dead server raises
+:class:`ServerError` naming the server and its log file (with the log's tail), never hangs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from drpo_megatron.platform import sglang_cpu
+
+log = logging.getLogger(__name__)
+
+HEALTH_POLL_S = 1.0
+LOG_EVERY_S = 10.0  # how often a long wait says what it is waiting for
+LOG_TAIL_LINES = 30
+
+
+class ServerError(RuntimeError):
+    """An SGLang server failed, died or timed out; the message names its log file."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def tail(path: Path, n: int = LOG_TAIL_LINES) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "<no log>"
+    return "\n".join(lines[-n:])
+
+
+@dataclass
+class ServerConfig:
+    """One SGLang server.  ``extra_args`` go verbatim to ``sglang.launch_server``."""
+
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: pick a free port
+    startup_timeout_s: float = 300.0
+    request_timeout_s: float = 300.0
+    weight_update_timeout_s: float = 300.0
+    dtype: str = "bfloat16"
+    random_seed: int = 0
+    extra_args: list[str] = field(default_factory=list)
+
+
+class SGLangServer:
+    """A server subprocess plus a thin HTTP client for the endpoints RL needs."""
+
+    def __init__(self, model_path: str | os.PathLike, cfg: ServerConfig, log_dir: str | os.PathLike,
+                 name: str = "sglang-0"):
+        self.model_path = str(model_path)
+        self.cfg = cfg
+        self.name = name
+        self.port = cfg.port or free_port(cfg.host)
+        self.url = f"http://{cfg.host}:{self.port}"
+        self.log_path = Path(log_dir) / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+        self._session = requests.Session()
+
+    # ------------------------------------------------------------------ lifecycle
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "sglang.launch_server",
+            "--model-path", self.model_path,
+            "--host", self.cfg.host, "--port", str(self.port),
+            "--dtype", self.cfg.dtype,
+            "--random-seed", str(self.cfg.random_seed),
+            "--skip-server-warmup",
+            *sglang_cpu.server_args(),
+            *self.cfg.extra_args,
+        ]
+
+    def start(self) -> "SGLangServer":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = self.command()
+        log.info("starting %s on %s (log: %s)", self.name, self.url, self.log_path)
+        with open(self.log_path, "ab") as fh:
+            fh.write(("$ " + " ".join(cmd) + "\n").encode())
+            fh.flush()
+            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
+                                         env=sglang_cpu.server_env(), start_new_session=True)
+        return self
+
+    def wait_healthy(self, timeout_s: float | None = None) -> None:
+        timeout_s = timeout_s or self.cfg.startup_timeout_s
+        t0 = time.time()
+        last_log = t0
+        while True:
+            self.check_alive()
+            try:
+                r = self._session.get(self.url + "/health", timeout=5)
+                if r.status_code == 200:
+                    log.info("%s healthy after %.1fs", self.name, time.time() - t0)
+                    return
+            except requests.RequestException:
+                pass
+            now = time.time()
+            if now - t0 > timeout_s:
+                raise ServerError(
+                    f"{self.name} at {self.url} not healthy after {timeout_s:.0f}s "
+                    f"(rollout.server.startup_timeout_s); see {self.log_path}. Last lines:\n"
+                    f"{tail(self.log_path)}")
+            if now - last_log > LOG_EVERY_S:
+                log.info("waiting for %s /health (%.0fs of %.0fs; log: %s)", self.name, now - t0,
+                         timeout_s, self.log_path)
+                last_log = now
+            time.sleep(HEALTH_POLL_S)
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise ServerError(
+                f"{self.name} exited with code {self.proc.returncode}; see {self.log_path}. "
+                f"Last lines:\n{tail(self.log_path)}")
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=timeout_s)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=timeout_s)
+        log.info("%s stopped", self.name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # ------------------------------------------------------------------ HTTP
+    def _post(self, path: str, payload: dict[str, Any], timeout_s: float, what: str) -> Any:
+        self.check_alive()
+        try:
+            r = self._session.post(self.url + path, json=payload, timeout=timeout_s)
+        except requests.Timeout as e:
+            raise ServerError(f"{self.name}: {what} ({path}) timed out after {timeout_s:.0f}s; "
+                              f"see {self.log_path}") from e
+        except requests.ConnectionError as e:
+            self.check_alive()
+            raise ServerError(f"{self.name}: cannot reach {self.url}{path} for {what}: {e}; "
+                              f"see {self.log_path}") from e
+        if r.status_code != 200:
+            raise ServerError(f"{self.name}: {what} ({path}) returned HTTP {r.status_code}: "
+                              f"{r.text[:500]}; see {self.log_path}")
+        try:
+            return r.json()
+        except ValueError as e:
+            raise ServerError(f"{self.name}: {what} ({path}) returned a body that is not JSON: "
+                              f"{r.text[:200]!r}") from e
+
+    def generate(self, input_ids: list[list[int]], sampling_params: dict[str, Any], *,
+                 return_logprob: bool = True, top_logprobs_num: int = 0) -> list[dict[str, Any]]:
+        """One ``/generate`` call for a batch of prompts; returns SGLang's per-sample outputs.
+
+        With ``sampling_params["n"] = k`` SGLang returns ``len(input_ids) * k`` outputs ordered
+        prompt-major (the k samples of prompt 0 first).
+        """
+        payload: dict[str, Any] = {"input_ids": input_ids, "sampling_params": sampling_params,
+                                   "return_logprob": return_logprob}
+        if return_logprob:
+            payload["logprob_start_len"] = -1  # only the generated tokens' log-probs
+        if top_logprobs_num:
+            payload["top_logprobs_num"] = top_logprobs_num
+        out = self._post("/generate", payload, self.cfg.request_timeout_s, "generate")
+        return out if isinstance(out, list) else [out]
+
+    def update_weights_from_disk(self, path: str | os.PathLike, weight_version: str) -> dict:
+        res = self._post("/update_weights_from_disk",
+                         {"model_path": str(path), "weight_version": weight_version,
+                          "flush_cache": True, "abort_all_requests": False},
+                         self.cfg.weight_update_timeout_s, "update_weights_from_disk")
+        if not res.get("success", False):
+            raise ServerError(f"{self.name}: update_weights_from_disk({path}) failed: "
+                              f"{res.get('message')}; see {self.log_path}")
+        return res
+
+    def model_info(self) -> dict:
+        self.check_alive()
+        r = self._session.get(self.url + "/model_info", timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+    def weight_version(self) -> str:
+        return str(self.model_info().get("weight_version"))
