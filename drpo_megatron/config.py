@@ -51,6 +51,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 16
+    weight_transport: str = "disk"
     server: ServerConfig = field(default_factory=ServerConfig)
 
 

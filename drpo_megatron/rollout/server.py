@@ -197,6 +197,12 @@ class SGLangServer:
                               f"{res.get('message')}; see {self.log_path}")
         return res
 
+    def set_weight_version(self, version: str) -> None:
+        res = self._post("/update_weight_version", {"new_version": version, "abort_all_requests": False},
+                         self.cfg.request_timeout_s, "update_weight_version")
+        if not res.get("success", False):
+            raise ServerError(f"{self.name}: update_weight_version({version}) failed: {res.get('message')}")
+
     def model_info(self) -> dict:
         self.check_alive()
         r = self._session.get(self.url + "/model_info", timeout=30)

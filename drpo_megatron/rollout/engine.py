@@ -1,0 +1,126 @@
+"""Rollout generation: prompt groups -> SGLang -> samples with per-token rollout log-probs µ.
+
+A *group* is the ``n`` samples of one prompt (GRPO-style advantages are computed within it).
+SGLang returns, for each sample, the generated token ids and ``meta_info.output_token_logprobs``
+= ``[[logprob, token_id, text|None], ...]``: the log-probability of each sampled token under the
+engine's sampling distribution (logits / temperature).  These are the anchor µ of the loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from drpo_megatron.rollout.server import SGLangServer, ServerError
+
+
+@dataclass
+class Sample:
+    """One generated response.  Token lists are python ints/floats (host memory)."""
+
+    group_id: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    rollout_logp: list[float]  # µ: [len(response_ids)], log-prob of each sampled token
+    text: str
+    finish_reason: str
+    weight_version: str
+    answer: str = ""
+    reward: float = 0.0
+    advantage: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_response_tokens(self) -> int:
+        return len(self.response_ids)
+
+
+def parse_sample(out: Any, *, group_id: int, prompt_ids: list[int], answer: str,
+                 server_name: str) -> Sample:
+    """Validate one ``/generate`` output and turn it into a :class:`Sample`.
+
+    Raises :class:`ServerError` naming what is missing or inconsistent (a truncated or malformed
+    response must never reach the loss silently).
+    """
+    where = f"{server_name}: /generate output for group {group_id}"
+    if not isinstance(out, dict):
+        raise ServerError(f"{where} is {type(out).__name__}, expected a JSON object")
+    meta = out.get("meta_info")
+    ids = out.get("output_ids")
+    if not isinstance(meta, dict) or not isinstance(ids, list):
+        raise ServerError(f"{where} lacks 'output_ids' or 'meta_info' (keys: {sorted(out)})")
+    lps = meta.get("output_token_logprobs")
+    if not isinstance(lps, list):
+        raise ServerError(f"{where} lacks meta_info.output_token_logprobs; was return_logprob set?")
+    if len(lps) != len(ids):
+        raise ServerError(f"{where} has {len(ids)} output_ids but {len(lps)} log-probs (truncated "
+                          "response)")
+    logp: list[float] = []
+    for i, (entry, tok) in enumerate(zip(lps, ids)):
+        if not isinstance(entry, (list, tuple)) or len(entry) < 2 or entry[1] != tok:
+            raise ServerError(f"{where}: log-prob entry {i} {entry!r} does not match token {tok}")
+        v = entry[0]
+        logp.append(float("nan") if v is None else float(v))  # non-finite: dropped by the loss
+    finish = meta.get("finish_reason") or {}
+    return Sample(
+        group_id=group_id,
+        prompt_ids=list(prompt_ids),
+        response_ids=[int(t) for t in ids],
+        rollout_logp=logp,
+        text=str(out.get("text", "")),
+        finish_reason=str(finish.get("type", "unknown")) if isinstance(finish, dict) else str(finish),
+        weight_version=str(meta.get("weight_version", "")),
+        answer=answer,
+    )
+
+
+def generate_groups(server: SGLangServer, prompts: Sequence[list[int]], answers: Sequence[str], *,
+                    n: int, temperature: float, top_p: float, max_new_tokens: int,
+                    seed: int | None = None, first_group_id: int = 0) -> list[Sample]:
+    """Generate ``n`` samples for each prompt; returns ``len(prompts) * n`` samples, group-major."""
+    params: dict[str, Any] = {"n": n, "temperature": temperature, "top_p": top_p,
+                              "max_new_tokens": max_new_tokens}
+    if seed is not None:
+        params["sampling_seed"] = seed
+    outs = server.generate([list(p) for p in prompts], params, return_logprob=True)
+    expected = len(prompts) * n
+    if len(outs) != expected:
+        raise ServerError(f"{server.name}: /generate returned {len(outs)} outputs for "
+                          f"{len(prompts)} prompts x n={n} (expected {expected})")
+    samples = []
+    for i, out in enumerate(outs):
+        g = i // n
+        samples.append(parse_sample(out, group_id=first_group_id + g, prompt_ids=prompts[g],
+                                    answer=answers[g], server_name=server.name))
+    return samples
+
+
+def rollout_metrics(samples: Sequence[Sample], current_version: str | None = None) -> dict[str, float]:
+    """``rollout/`` metrics of one step (rewards, lengths, finish reasons, staleness)."""
+    n = max(len(samples), 1)
+    rewards = [s.reward for s in samples]
+    lengths = [s.num_response_tokens for s in samples]
+    groups: dict[int, list[float]] = {}
+    for s in samples:
+        groups.setdefault(s.group_id, []).append(s.reward)
+    solved_all = sum(1 for g in groups.values() if min(g) == max(g))
+    out = {
+        "rollout/reward_mean": sum(rewards) / n,
+        "rollout/response_len_mean": sum(lengths) / n,
+        "rollout/response_len_max": float(max(lengths, default=0)),
+        "rollout/truncated_frac": sum(s.finish_reason == "length" for s in samples) / n,
+        "rollout/num_samples": float(len(samples)),
+        "rollout/num_tokens": float(sum(lengths)),
+        "rollout/zero_std_group_frac": solved_all / max(len(groups), 1),
+        "rollout/nonfinite_logprob_tokens": float(sum(
+            sum(1 for v in s.rollout_logp if not math.isfinite(v)) for s in samples)),
+    }
+    if current_version is not None:
+        try:
+            cur = int(current_version)
+            stale = [cur - int(s.weight_version) for s in samples]
+            out["rollout/staleness"] = sum(stale) / n
+        except ValueError:
+            pass
+    return out

@@ -1,0 +1,230 @@
+"""Builds everything a run needs from its config, and the small glue steps of the loop.
+
+``build_components`` validates first (cheap), then starts the expensive parts in order: run
+directory + logging, policy checkpoint, process groups + Megatron actor, SGLang server, writers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import yaml
+
+from drpo_megatron.config import RunConfig
+from drpo_megatron.rollout.engine import Sample, generate_groups, rollout_metrics
+
+log = logging.getLogger("drpo")
+
+
+def setup_run_dir(cfg: RunConfig) -> Path:
+    """Create ``output_dir`` with ``config.yaml`` (resolved) and ``logs/trainer.log``."""
+    run_dir = Path(cfg.output_dir).expanduser().resolve()
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / ".config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, run_dir / "config.yaml")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fh = logging.FileHandler(run_dir / "logs" / "trainer.log")
+    fh.setFormatter(fmt)
+    root.addHandler(fh)
+    return run_dir
+
+
+@dataclass
+class Components:
+    cfg: RunConfig
+    run_dir: Path
+    tokenizer: Any
+    train_set: list
+    eval_set: list
+    actor: Any
+    servers: list
+    transport: Any
+    writers: Any
+    reward_fn: Any
+    pad_id: int
+    cursor: int = 0
+    order: list = field(default_factory=list)
+    _bar: Any = None
+
+    # -------------------------------------------------------------- loop steps
+    def rollout(self, prompts, answers, *, version: int) -> list[Sample]:
+        r = self.cfg.rollout
+        return generate_groups(self.servers[0], prompts, answers, n=r.samples_per_prompt,
+                               temperature=r.temperature, top_p=r.top_p,
+                               max_new_tokens=r.max_new_tokens)
+
+    def score(self, samples: Sequence[Sample]) -> None:
+        for s in samples:
+            s.reward = self.reward_fn(s.text, s.answer)
+
+    def assign_advantages(self, samples: Sequence[Sample]) -> None:
+        from drpo_megatron.algorithms import compute_advantages
+
+        rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
+        adv = compute_advantages(rewards, self.cfg.rollout.samples_per_prompt,
+                                 estimator=self.cfg.loss.advantage)
+        for s, a in zip(samples, adv.tolist()):
+            s.advantage = a
+
+    def rollout_metrics(self, samples, current_version: int) -> dict[str, float]:
+        return rollout_metrics(samples, current_version=str(current_version))
+
+    def mismatch(self, samples: Sequence[Sample]) -> dict[str, float]:
+        """Trainer log-probs (before this step's updates) vs the rollout engine's µ."""
+        from drpo_megatron.mismatch import compute_mismatch_metrics
+
+        logp = self.actor.compute_logprobs(samples, self.pad_id)
+        flat = torch.cat(logp)
+        mu = torch.cat([torch.tensor(s.rollout_logp, dtype=torch.float32) for s in samples])
+        seq = torch.cat([torch.full((len(s.rollout_logp),), i) for i, s in enumerate(samples)])
+        adv = torch.cat([torch.full((len(s.rollout_logp),), s.advantage) for s in samples])
+        delta = float(self.cfg.loss.params.get("delta", 12.5))
+        metrics = compute_mismatch_metrics(flat, mu, torch.ones_like(flat, dtype=torch.bool),
+                                           seq_ids=seq, advantages=adv, delta=delta)
+        self._last_mismatch_tensors = (flat, mu, seq, adv, delta)
+        return metrics
+
+    def train_on(self, samples: Sequence[Sample]) -> dict[str, float]:
+        """``optim.updates_per_rollout`` optimizer steps, each on whole prompt groups."""
+        k = self.cfg.optim.updates_per_rollout
+        n = self.cfg.rollout.samples_per_prompt
+        groups = [samples[i: i + n] for i in range(0, len(samples), n)]
+        per = len(groups) // k
+        reports = []
+        for u in range(k):
+            mb = [s for g in groups[u * per:(u + 1) * per] for s in g]
+            reports.append(self.actor.train_step(mb, self.pad_id))
+        out: dict[str, float] = {}
+        for key in reports[0]:
+            vals = [r[key] for r in reports if key in r]
+            out[key] = sum(vals) / len(vals)
+        out["loss/policy_loss_first_update"] = reports[0].get("loss/policy_loss", float("nan"))
+        return out
+
+    def throughput(self, samples: Sequence[Sample], train_time_s: float) -> dict[str, float]:
+        tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+        # forward for the mismatch log-probs + forward/backward per update
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        return {"perf/train_tokens": float(tokens),
+                "perf/tokens_per_s_per_gpu": tokens / max(train_time_s, 1e-9) / world}
+
+    # -------------------------------------------------------------- progress / teardown
+    def progress(self, it):
+        from tqdm import tqdm
+
+        self._bar = tqdm(it, desc="DRPO steps", unit="step", dynamic_ncols=True,
+                         disable=not sys.stderr.isatty() and os.environ.get("DRPO_PROGRESS") != "1")
+        return self._bar
+
+    def show(self, step: int, metrics: dict[str, float]) -> None:
+        msg = (f"step {step}: reward {metrics.get('rollout/reward_mean', float('nan')):.3f} "
+               f"loss {metrics.get('loss/policy_loss', float('nan')):+.4f} "
+               f"|logp-mu| {metrics.get('mismatch/logprob_abs_diff', float('nan')):.2e} "
+               f"{metrics.get('perf/step_time_s', 0):.1f}s")
+        if "eval/accuracy" in metrics:
+            msg += f" eval {metrics['eval/accuracy']:.3f}"
+        log.info(msg)
+        if self._bar is not None:
+            self._bar.set_postfix(reward=f"{metrics.get('rollout/reward_mean', 0):.3f}")
+
+    def close(self) -> None:
+        for s in self.servers:
+            s.stop()
+        if self.writers is not None:
+            self.writers.close()
+
+
+def next_prompts(c: Components, k: int) -> tuple[list[list[int]], list[str]]:
+    """The next ``k`` training problems (reshuffled every epoch), as token ids + answers."""
+    from drpo_megatron.models.tiny import prompt_ids
+
+    prompts, answers = [], []
+    for _ in range(k):
+        if c.cursor % len(c.train_set) == 0:
+            rng = random.Random(c.cfg.train.seed + c.cursor // len(c.train_set))
+            c.order = list(range(len(c.train_set)))
+            rng.shuffle(c.order)
+        p = c.train_set[c.order[c.cursor % len(c.train_set)]]
+        c.cursor += 1
+        prompts.append(prompt_ids(c.tokenizer, p.prompt_text))
+        answers.append(p.answer)
+    return prompts, answers
+
+
+def evaluate(c: Components, *, version: int) -> dict[str, float]:
+    """avg@k accuracy on the held-out set at the rollout temperature (the paper's protocol)."""
+    from drpo_megatron.models.tiny import prompt_ids
+
+    t0 = time.time()
+    k = c.cfg.train.eval_samples_per_prompt
+    r = c.cfg.rollout
+    prompts = [prompt_ids(c.tokenizer, p.prompt_text) for p in c.eval_set]
+    samples = generate_groups(c.servers[0], prompts, [p.answer for p in c.eval_set], n=k,
+                              temperature=r.temperature, top_p=r.top_p,
+                              max_new_tokens=r.max_new_tokens)
+    c.score(samples)
+    acc = sum(s.reward for s in samples) / max(len(samples), 1)
+    log.info("eval at weight version %d: avg@%d = %.3f", version, k, acc)
+    return {"eval/accuracy": acc, f"eval/avg@{k}": acc, "perf/eval_time_s": time.time() - t0}
+
+
+def build_components(cfg: RunConfig) -> Components:
+    from drpo_megatron.algorithms import make_loss_config
+    from drpo_megatron.data.arithmetic import train_eval_split
+    from drpo_megatron.mismatch.writers import build_writers
+    from drpo_megatron.models.megatron_model import init_distributed
+    from drpo_megatron.models.tiny import ensure_tiny_checkpoint
+    from drpo_megatron.rewards import build_reward
+    from drpo_megatron.rollout.server import SGLangServer
+    from drpo_megatron.training.actor import ActorConfig, MegatronActor
+    from drpo_megatron.weights.transport import WEIGHT_TRANSPORTS, build_transport
+
+    # cheap checks first: nothing below starts before these pass
+    make_loss_config(cfg.loss.name, cfg.loss.params)
+    reward_fn = build_reward("math_verify_boxed")
+    if cfg.rollout.weight_transport not in WEIGHT_TRANSPORTS:
+        build_transport(cfg.rollout.weight_transport, None, [], ".")  # raises the clear error
+
+    run_dir = setup_run_dir(cfg)
+    torch.manual_seed(cfg.train.seed)
+    policy = Path(cfg.model.hf_path).expanduser() if cfg.model.hf_path else \
+        ensure_tiny_checkpoint(cfg.model.cache_dir, cfg.model.tiny)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(policy))
+    train_set, eval_set = train_eval_split(cfg.task.num_train, cfg.task.num_eval, seed=cfg.task.seed,
+                                           max_operand=cfg.task.max_operand)
+
+    # start the server first: it loads while the actor builds
+    server = SGLangServer(policy, cfg.rollout.server, run_dir / "logs").start()
+    try:
+        init_distributed()
+        actor = MegatronActor(ActorConfig(
+            hf_path=str(policy), dtype=cfg.model.dtype, lr=cfg.optim.lr,
+            weight_decay=cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip,
+            adam_betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2), loss_name=cfg.loss.name,
+            loss_params=cfg.loss.params, aggregation=cfg.loss.aggregation,
+            horizon=cfg.loss.horizon, temperature=cfg.rollout.temperature, seed=cfg.train.seed))
+        server.wait_healthy()
+        server.set_weight_version("0")
+    except BaseException:
+        server.stop()
+        raise
+    writers = build_writers(cfg.logging.writers, run_dir)
+    transport = build_transport(cfg.rollout.weight_transport, actor, [server], run_dir / "weights")
+    return Components(cfg=cfg, run_dir=run_dir, tokenizer=tokenizer, train_set=train_set,
+                      eval_set=eval_set, actor=actor, servers=[server], transport=transport,
+                      writers=writers, reward_fn=reward_fn, pad_id=tokenizer.pad_token_id)

@@ -1,0 +1,221 @@
+"""The Megatron-Core actor: forward log-probs, the policy-loss train step, weight export.
+
+Built from :class:`ActorConfig`; holds the Megatron model chunks, the Megatron optimizer and the
+megatron-bridge handle (HF <-> Megatron names).  Log-probs are computed in fp32 from
+``logits / temperature`` for response tokens only (SGLang returns log-probs of the tempered
+distribution).
+
+Loss scaling contract with Megatron's schedule and DDP: our per-micro-batch loss is already
+normalised by *global* denominators (all micro-batches and data-parallel ranks of one optimizer
+step; see ``drpo_megatron.algorithms.aggregate_loss``), so the sum of micro-batch losses over the
+step is the step loss.  Megatron's forward-backward divides each micro-batch loss by
+``num_microbatches`` and DDP averages gradients over the data-parallel group; the loss function
+multiplies by both factors so the gradient equals that of the global step loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from drpo_megatron.algorithms import POLICY_LOSSES, aggregate_loss, make_loss_config
+from drpo_megatron.rollout.engine import Sample
+from drpo_megatron.training.batch import MicroBatch, causal_attention_mask, pack_samples
+
+log = logging.getLogger(__name__)
+
+LOG_RATIO_CLAMP = 20.0  # both reference implementations clamp log(pi/mu) to +-20 before exp
+
+
+@dataclass
+class ActorConfig:
+    hf_path: str
+    dtype: str = "fp32"
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    loss_name: str = "drpo"
+    loss_params: dict = field(default_factory=dict)
+    aggregation: str = "seq-mean-token-sum-norm"
+    horizon: int = 8192
+    temperature: float = 1.0
+    micro_batch_size: int = 64
+    seed: int = 1234
+
+
+def _tp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T)[target] in fp32, vocab-parallel under TP.
+
+    logits: [B, S, V/tp] (this rank's vocab shard), targets: [B, S] global token ids.
+    Returns [B, S] fp32, differentiable w.r.t. logits.
+    """
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    scaled = logits.float() / temperature  # a new tensor: the CE kernel modifies its input in place
+    return -vocab_parallel_cross_entropy(scaled, targets)
+
+
+class MegatronActor:
+    def __init__(self, cfg: ActorConfig):
+        from drpo_megatron.models import megatron_model as mm
+
+        self.cfg = cfg
+        self.loss_fn = POLICY_LOSSES[cfg.loss_name]
+        self.loss_cfg = make_loss_config(cfg.loss_name, cfg.loss_params)
+        t0 = time.time()
+        self.bridge, self.provider, self.model = mm.load_policy_from_hf(
+            cfg.hf_path, dtype=cfg.dtype, tp=cfg.tp, pp=cfg.pp, ep=cfg.ep, wrap_ddp=True)
+        self.optimizer = mm.build_optimizer(
+            self.model, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+            adam_betas=cfg.adam_betas, use_distributed_optimizer=False)
+        self._mm = mm
+        log.info("actor ready: %s, %.2fM params, %.1fs", cfg.loss_name,
+                 sum(p.numel() for m in self.model for p in m.parameters()) / 1e6, time.time() - t0)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def tmodel_config(self):
+        from megatron.core.utils import get_model_config
+
+        return get_model_config(self.model[0])
+
+    def _forward_logp(self, model, mb: MicroBatch) -> torch.Tensor:
+        mask = causal_attention_mask(mb.tokens.shape[1])
+        logits = model(mb.tokens, mb.position_ids, mask)  # [B, S, V/tp]
+        return token_logprobs(logits, mb.targets, self.cfg.temperature)
+
+    def _micro_batches(self, samples: Sequence[Sample], pad_id: int, first_seq_id: int = 0):
+        width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+        mbs = []
+        for i in range(0, len(samples), self.cfg.micro_batch_size):
+            chunk = samples[i: i + self.cfg.micro_batch_size]
+            mbs.append(pack_samples(chunk, pad_id=pad_id, seq_len=width, first_seq_id=first_seq_id + i))
+        return mbs, width
+
+    def _run(self, forward_step, mbs: list[MicroBatch], width: int, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        fb = get_forward_backward_func()
+        return fb(forward_step_func=forward_step, data_iterator=iter(mbs), model=self.model,
+                  num_microbatches=len(mbs), seq_length=width,
+                  micro_batch_size=mbs[0].tokens.shape[0], forward_only=forward_only)
+
+    # ------------------------------------------------------------------ log-probs (no grad)
+    @torch.no_grad()
+    def compute_logprobs(self, samples: Sequence[Sample], pad_id: int) -> list[torch.Tensor]:
+        """Current-policy log-probs of each sample's response tokens: list of [len(response)]."""
+        for m in self.model:
+            m.eval()
+        mbs, width = self._micro_batches(samples, pad_id)
+        results: list[torch.Tensor] = []
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            logp = self._forward_logp(model, mb)
+
+            def collect(output):
+                rows = [output[b][mb.loss_mask[b]].detach().clone() for b in range(output.shape[0])]
+                results.extend(rows)
+                return output.sum() * 0.0, {}
+
+            return logp, collect
+
+        self._run(forward_step, mbs, width, forward_only=True)
+        for m in self.model:
+            m.train()
+        return results
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self, samples: Sequence[Sample], pad_id: int, *,
+                   anchor_logp: Sequence[torch.Tensor] | None = None) -> dict[str, float]:
+        """One optimizer step on ``samples`` (a mini-batch of whole prompt groups).
+
+        ``anchor_logp``: per-sample anchor log-probs replacing the rollout's µ (the recomputed
+        π_old anchor); None = anchor on the rollout engine's log-probs.
+        """
+        if anchor_logp is not None:
+            samples = [Sample(**{**s.__dict__, "rollout_logp": a.tolist()})
+                       for s, a in zip(samples, anchor_logp)]
+        mbs, width = self._micro_batches(samples, pad_id)
+        num_mb = len(mbs)
+        global_tokens = float(sum(mb.num_tokens for mb in mbs))
+        global_seqs = float(sum(mb.num_seqs for mb in mbs))
+        dp = self._mm.data_parallel_world_size()
+        # TODO(issue 4): all-reduce global counts over DP ranks when DP > 1.
+
+        def loss_func(mb: MicroBatch, logp_full: torch.Tensor):
+            m = mb.loss_mask
+            logp = logp_full[m]
+            per_token, metrics = self.loss_fn(
+                logp, mb.rollout_logp[m], mb.advantages[m], torch.ones_like(logp, dtype=torch.bool),
+                self.loss_cfg, seq_ids=mb.seq_ids[m])
+            loss = aggregate_loss(per_token, torch.ones_like(logp, dtype=torch.bool),
+                                  self.cfg.aggregation, seq_ids=mb.seq_ids[m],
+                                  global_num_tokens=global_tokens, global_num_seqs=global_seqs,
+                                  horizon=self.cfg.horizon)
+            report = {k: float(v) for k, v in metrics.items()}
+            report["loss/policy_loss"] = float(loss.detach())  # summed over micro-batches below
+            report["_tokens"] = float(m.sum())
+            return loss * num_mb * dp, report
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            return self._forward_logp(model, mb), partial(loss_func, mb)
+
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = self._run(forward_step, mbs, width, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        out = _merge_reports(reports)
+        out["loss/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        out["loss/update_skipped"] = 0.0 if ok else 1.0
+        return out
+
+    # ------------------------------------------------------------------ weights out
+    def export_hf(self, out_dir: str | Path) -> Path:
+        """Write the current weights as an HF checkpoint (safetensors + config + tokenizer)."""
+        return self._mm.save_hf_checkpoint(self.bridge, self.model, out_dir,
+                                           copy_from=self.cfg.hf_path)
+
+    def save_checkpoint(self, out_dir: str | Path, step: int) -> Path:
+        return self._mm.save_megatron_checkpoint(self.model, self.optimizer, out_dir, step=step)
+
+
+def _merge_reports(reports: list[dict[str, float]] | None) -> dict[str, float]:
+    """Token-weighted mean of per-micro-batch metrics; ``loss/policy_loss`` is summed."""
+    if not reports:
+        return {}
+    total = sum(r.get("_tokens", 0.0) for r in reports) or 1.0
+    out: dict[str, float] = {}
+    for r in reports:
+        w = r.get("_tokens", 0.0) / total
+        for k, v in r.items():
+            if k == "_tokens":
+                continue
+            if k == "loss/policy_loss" or k.endswith("_count"):
+                out[k] = out.get(k, 0.0) + v
+            elif k.endswith("_max"):
+                out[k] = max(out.get(k, -math.inf), v)
+            elif k.endswith("_min"):
+                out[k] = min(out.get(k, math.inf), v)
+            else:
+                out[k] = out.get(k, 0.0) + w * v
+    return out

@@ -1,0 +1,77 @@
+"""Pack RL samples into padded Megatron micro-batches.
+
+Layout (documented choice: right padding, one sequence per row, no packing):
+
+- ``tokens``        [B, S] int64: prompt ids then response ids, right-padded with ``pad_id``.
+- ``position_ids``  [B, S] int64: 0..S-1 (padding positions are never attended to by real tokens
+  under the causal mask, so their positions do not matter).
+- ``targets``       [B, S] int64: ``tokens`` shifted left by one (the token each position predicts).
+- ``loss_mask``     [B, S] bool: True where the *target* is a response token; the logits at
+  position j predict token j+1, so the response token k of a sample whose prompt has length P
+  sits at ``loss_mask[b, P - 1 + k]``.
+- ``rollout_logp``  [B, S] fp32: µ of the target token where ``loss_mask``; 0 elsewhere.
+- ``advantages``    [B, S] fp32: the sample's advantage broadcast over its response tokens.
+- ``seq_ids``       [B, S] int64: a step-global sequence index (for sequence-level losses and
+  seq-mean aggregation); -1 on padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from drpo_megatron.rollout.engine import Sample
+
+
+@dataclass
+class MicroBatch:
+    tokens: torch.Tensor
+    position_ids: torch.Tensor
+    targets: torch.Tensor
+    loss_mask: torch.Tensor
+    rollout_logp: torch.Tensor
+    advantages: torch.Tensor
+    seq_ids: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+    @property
+    def num_seqs(self) -> int:
+        return int((self.seq_ids.max(dim=1).values >= 0).sum())
+
+
+def pack_samples(samples: Sequence[Sample], *, pad_id: int, seq_len: int | None = None,
+                 first_seq_id: int = 0) -> MicroBatch:
+    """Pack ``samples`` into one micro-batch of width ``seq_len`` (default: the longest sample)."""
+    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+    width = seq_len if seq_len is not None else max(lengths)
+    if max(lengths) > width:
+        raise ValueError(f"a sample of {max(lengths)} tokens does not fit seq_len={width}")
+    b = len(samples)
+    tokens = torch.full((b, width), pad_id, dtype=torch.long)
+    targets = torch.full((b, width), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((b, width), dtype=torch.bool)
+    rollout_logp = torch.zeros((b, width), dtype=torch.float32)
+    advantages = torch.zeros((b, width), dtype=torch.float32)
+    seq_ids = torch.full((b, width), -1, dtype=torch.long)
+    for i, s in enumerate(samples):
+        seq = s.prompt_ids + s.response_ids
+        p, r = len(s.prompt_ids), len(s.response_ids)
+        tokens[i, : len(seq)] = torch.tensor(seq)
+        targets[i, : len(seq) - 1] = torch.tensor(seq[1:])
+        sl = slice(p - 1, p - 1 + r)
+        loss_mask[i, sl] = True
+        rollout_logp[i, sl] = torch.tensor(s.rollout_logp, dtype=torch.float32)
+        advantages[i, sl] = float(s.advantage)
+        seq_ids[i, : len(seq)] = first_seq_id + i
+    position_ids = torch.arange(width, dtype=torch.long).unsqueeze(0).expand(b, -1).contiguous()
+    return MicroBatch(tokens, position_ids, targets, loss_mask, rollout_logp, advantages, seq_ids)
+
+
+def causal_attention_mask(seq_len: int) -> torch.Tensor:
+    """[1, 1, S, S] bool, True = masked (Megatron's convention): position i sees j <= i."""
+    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool), diagonal=1)[None, None]
