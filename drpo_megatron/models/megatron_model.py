@@ -1,0 +1,501 @@
+"""Megatron-Core policy model: distributed init, HF -> Megatron load, optimizer, HF export.
+
+Production code; no platform hacks in here.  On a machine without CUDA the CPU layer
+(:func:`drpo_megatron.platform.apply_cpu_compat`, a no-op with CUDA) is applied and the model
+provider gets :func:`~drpo_megatron.platform.cpu_transformer_overrides` and the local
+(non-Transformer-Engine) layer spec.
+
+Usage (one process, or every rank under torchrun)::
+
+    from drpo_megatron.models import megatron_model as mm
+
+    mm.init_distributed(tp=1, pp=1, ep=1, seed=1234)
+    bridge, provider, model = mm.load_policy_from_hf(hf_dir, dtype="fp32", wrap_ddp=True)
+    opt = mm.build_optimizer(model, lr=1e-5, weight_decay=0.0, grad_clip=1.0)
+    logits = model[0](input_ids, position_ids, mm.causal_attention_mask(S))   # [B, S, V/tp]
+    ...  # loss.backward() (or Megatron's get_forward_backward_func), then
+    ok, grad_norm, _ = opt.step()
+    for name, tensor in mm.export_hf_state_dict(bridge, model):   # collective under TP/PP/EP
+        ...
+    mm.save_hf_checkpoint(bridge, model, "out/step_10")          # collective; rank 0 writes
+
+GPTModel forward contract (verified on CPU by ``tests/models/test_megatron_model.py``):
+
+* inputs: ``input_ids`` [B, S] int64, ``position_ids`` [B, S] int64, ``attention_mask``
+  [1, 1, S, S] (or [B, 1, S, S]) bool with **True = masked** (use
+  :func:`causal_attention_mask`; always pass one explicitly).
+* with ``labels=None`` the last pipeline stage returns logits [B, S, V/tp] (vocab-parallel
+  shard under TP; ``V`` is the padded vocab size of the Megatron model, see
+  :func:`vocab_size`); with ``labels`` [B, S] it returns the per-token cross-entropy [B, S].
+  Non-last pipeline stages return the hidden states [S, B, H] (sequence-sharded [S/tp, B, H]
+  under sequence parallelism) for the next stage.
+* the final hidden states (after the final norm) are the output of ``model.decoder``
+  [S, B, H] (``[S/tp, B, H]`` with sequence parallelism): see :func:`capture_final_hidden`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "init_distributed",
+    "destroy_distributed",
+    "data_parallel_world_size",
+    "load_policy_from_hf",
+    "export_hf_state_dict",
+    "save_hf_checkpoint",
+    "build_optimizer",
+    "save_megatron_checkpoint",
+    "load_megatron_checkpoint",
+    "causal_attention_mask",
+    "capture_final_hidden",
+    "unwrap_model",
+    "vocab_size",
+]
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _ensure_platform() -> None:
+    if not torch.cuda.is_available():
+        from drpo_megatron.platform import apply_cpu_compat
+
+        apply_cpu_compat()
+
+
+# ----------------------------------------------------------------------------------- distributed
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    *,
+    etp: Optional[int] = None,
+    backend: Optional[str] = None,
+    timeout_s: float = 600.0,
+    seed: int = 1234,
+) -> Dict[str, int]:
+    """Initialise torch.distributed, Megatron's model-parallel groups and its RNG tracker.
+
+    * Under torchrun/srun (``WORLD_SIZE`` and ``MASTER_ADDR`` set) it joins with ``env://``;
+      otherwise it starts a world of one on 127.0.0.1 with a free port.
+    * ``backend`` defaults to nccl with CUDA, gloo without.
+    * Idempotent: a second call with the same sizes returns; different sizes raise.
+    * ``etp``: expert tensor-parallel size (Megatron default: 1 when None... see
+      ``parallel_state.initialize_model_parallel``).
+
+    Returns ``{"rank", "world_size", "tp", "pp", "ep", "dp"}``.
+    """
+    _ensure_platform()
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        backend = backend or ("nccl" if cuda else "gloo")
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            if cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            log.info(
+                "init_distributed: rank %d waiting for %d ranks at %s:%s (backend %s, timeout %.0fs)",
+                rank, world, os.environ["MASTER_ADDR"], os.environ.get("MASTER_PORT"), backend,
+                timeout_s)
+            dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
+        else:
+            port = _free_port()
+            log.info("init_distributed: single process, %s on 127.0.0.1:%d", backend, port)
+            if cuda:
+                torch.cuda.set_device(0)
+            dist.init_process_group(
+                backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                timeout=timeout)
+        log.info("init_distributed: %d ranks joined", dist.get_world_size())
+
+    world = dist.get_world_size()
+    if ps.model_parallel_is_initialized():
+        have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                ps.get_expert_model_parallel_world_size())
+        if have != (tp, pp, ep):
+            raise RuntimeError(f"model parallel already initialised with (tp, pp, ep)={have}, "
+                               f"asked for {(tp, pp, ep)}; call destroy_distributed() first")
+    else:
+        if world % (tp * pp) != 0:
+            raise ValueError(f"world size {world} is not divisible by tp*pp={tp * pp}")
+        log.info("init_distributed: model parallel tp=%d pp=%d ep=%d over %d ranks", tp, pp, ep, world)
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=etp,
+            distributed_timeout_minutes=max(1, int(timeout_s // 60)),
+        )
+        model_parallel_cuda_manual_seed(seed)
+    return {
+        "rank": dist.get_rank(),
+        "world_size": world,
+        "tp": tp,
+        "pp": pp,
+        "ep": ep,
+        "dp": ps.get_data_parallel_world_size(),
+    }
+
+
+def destroy_distributed() -> None:
+    """Tear down Megatron's parallel state and the default process group (idempotent)."""
+    import torch.distributed as dist
+
+    try:
+        from megatron.core import parallel_state as ps
+
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+    except ImportError:
+        pass
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def data_parallel_world_size() -> int:
+    """Megatron's data-parallel world size (1 before initialisation)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+
+
+# ------------------------------------------------------------------------------- model loading
+
+
+def _apply_fields(obj: Any, fields: Dict[str, Any], strict: bool) -> None:
+    for key, value in fields.items():
+        if not hasattr(obj, key):
+            if strict:
+                raise AttributeError(f"{type(obj).__name__} has no field {key!r}")
+            continue
+        setattr(obj, key, value)
+
+
+def load_policy_from_hf(
+    hf_dir: str | os.PathLike,
+    *,
+    dtype: str = "fp32",
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    etp: Optional[int] = None,
+    seq_parallel: Optional[bool] = None,
+    overrides: Optional[Dict[str, Any]] = None,
+    wrap_ddp: bool = False,
+    use_distributed_optimizer: bool = False,
+    load_weights: bool = True,
+    seed: int = 1234,
+) -> Tuple[Any, Any, List[torch.nn.Module]]:
+    """Build the Megatron-Core model of an HF checkpoint via megatron-bridge.
+
+    Returns ``(bridge, provider, model_chunks)``: the ``AutoBridge`` (HF <-> Megatron names),
+    the ``GPTModelProvider`` (a ``TransformerConfig``) and the list of model chunks (one
+    without virtual pipelining), wrapped in Megatron ``DistributedDataParallel`` when
+    ``wrap_ddp`` (``use_distributed_optimizer`` must then match :func:`build_optimizer`'s).
+
+    ``dtype``: "fp32" or "bf16" (params and compute; with bf16 the DDP grad buffers and the
+    optimizer's main params stay fp32).  ``seq_parallel`` defaults to ``tp > 1`` (Megatron
+    requires it for MoE with TP).  ``overrides``: provider fields set last (e.g.
+    ``{"moe_token_dispatcher_type": "allgather"}``).  Initialises distributed state
+    (:func:`init_distributed`) if needed.
+    """
+    _ensure_platform()
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
+    init_distributed(tp=tp, pp=pp, ep=ep, etp=etp, seed=seed)
+    from megatron.bridge import AutoBridge
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    bridge = AutoBridge.from_hf_pretrained(str(hf_dir))
+    provider = bridge.to_megatron_provider(load_weights=load_weights)
+    provider.tensor_model_parallel_size = tp
+    provider.pipeline_model_parallel_size = pp
+    provider.expert_model_parallel_size = ep
+    if etp is not None:
+        provider.expert_tensor_parallel_size = etp
+    provider.sequence_parallel = (tp > 1) if seq_parallel is None else seq_parallel
+    torch_dtype = _DTYPES[dtype]
+    provider.params_dtype = torch_dtype
+    provider.pipeline_dtype = torch_dtype
+    provider.bf16 = dtype == "bf16"
+    provider.fp16 = False
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        from drpo_megatron.platform import cpu_transformer_overrides
+        from megatron.bridge.models.gpt_provider import local_layer_spec
+
+        _apply_fields(provider, cpu_transformer_overrides(), strict=False)
+        provider.transformer_layer_spec = local_layer_spec
+    if overrides:
+        _apply_fields(provider, overrides, strict=True)
+    provider.finalize()
+
+    ddp_config = None
+    if wrap_ddp:
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            overlap_param_gather=False,
+            use_distributed_optimizer=use_distributed_optimizer,
+            check_for_nan_in_grad=False,
+            bucket_size=None,
+        )
+    model = provider.provide_distributed_model(
+        ddp_config=ddp_config,
+        wrap_with_ddp=wrap_ddp,
+        bf16=dtype == "bf16",
+        fp16=False,
+        use_cpu_initialization=bool(getattr(provider, "use_cpu_initialization", False)) or cpu,
+    )
+    log.info("load_policy_from_hf: %s -> %d chunk(s), dtype %s, tp=%d pp=%d ep=%d sp=%s ddp=%s",
+             hf_dir, len(model), dtype, tp, pp, ep, provider.sequence_parallel, wrap_ddp)
+    return bridge, provider, model
+
+
+def unwrap_model(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The bare GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):
+        chunk = chunk.module
+    return chunk
+
+
+def vocab_size(model_chunks: Sequence[torch.nn.Module]) -> int:
+    """The (padded) vocabulary size of the Megatron model (full, not the TP shard)."""
+    return unwrap_model(model_chunks[0]).vocab_size
+
+
+def causal_attention_mask(seq_len: int, device: Any = None) -> torch.Tensor:
+    """[1, 1, S, S] bool mask, True above the diagonal (= masked), as Megatron expects."""
+    return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1).view(
+        1, 1, seq_len, seq_len)
+
+
+@contextlib.contextmanager
+def capture_final_hidden(model_chunk: torch.nn.Module) -> Iterator[Dict[str, torch.Tensor]]:
+    """Capture the final hidden states (after the final norm) of a forward pass.
+
+    ``with capture_final_hidden(model[0]) as out: logits = model[0](ids, pos, mask)`` then
+    ``out["hidden"]`` is [S, B, H] ([S/tp, B, H] with sequence parallelism) on the last
+    pipeline stage.  The tensor is part of the autograd graph.
+    """
+    captured: Dict[str, torch.Tensor] = {}
+
+    def hook(module, args, output):
+        captured["hidden"] = output[0] if isinstance(output, tuple) else output
+
+    handle = unwrap_model(model_chunk).decoder.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+# ------------------------------------------------------------------------------------ export
+
+
+def export_hf_state_dict(
+    bridge: Any, model_chunks: Sequence[torch.nn.Module], *, cpu: bool = True
+) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, tensor)`` for every HF weight, gathered over TP/PP/EP by the bridge.
+
+    Collective under model parallelism: every rank must iterate to the end (all ranks get
+    every tensor).  Tensors are full (unsharded), in the model's dtype, on CPU when ``cpu``.
+    """
+    for name, tensor in bridge.export_hf_weights(list(model_chunks), cpu=cpu, show_progress=False):
+        yield name, tensor
+
+
+def save_hf_checkpoint(
+    bridge: Any,
+    model_chunks: Sequence[torch.nn.Module],
+    out_dir: str | os.PathLike,
+    *,
+    copy_from: Optional[str | os.PathLike] = None,
+) -> Path:
+    """Write an HF checkpoint (config + safetensors + index) atomically; returns ``out_dir``.
+
+    Collective: all ranks call it, rank 0 writes into ``<out_dir>.tmp`` and renames it to
+    ``out_dir`` (replacing an existing one).  ``copy_from``: an HF directory whose extra files
+    (tokenizer, chat template, generation config ...) are copied when missing.
+    """
+    import torch.distributed as dist
+
+    out = Path(out_dir).resolve()
+    tmp = out.with_name(out.name + ".tmp")
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
+    bridge.save_hf_pretrained(list(model_chunks), str(tmp), show_progress=False)
+    if rank0:
+        if copy_from is not None:
+            for src in Path(copy_from).iterdir():
+                if src.is_file() and not (tmp / src.name).exists() and not src.name.endswith(
+                        (".safetensors", ".bin", ".pt", ".safetensors.index.json")):
+                    shutil.copy2(src, tmp / src.name)
+        old = None
+        if out.exists():
+            old = out.with_name(out.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(out, old)
+        os.rename(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return out
+
+
+# --------------------------------------------------------------------------------- optimizer
+
+
+def build_optimizer(
+    model_chunks: Sequence[torch.nn.Module],
+    lr: float,
+    weight_decay: float = 0.0,
+    grad_clip: float = 1.0,
+    adam_betas: Tuple[float, float] = (0.9, 0.999),
+    use_distributed_optimizer: bool = False,
+    *,
+    adam_eps: float = 1e-8,
+):
+    """Megatron optimizer (Adam/AdamW, grad clipping) for DDP-wrapped model chunks.
+
+    ``optimizer.step()`` returns ``(update_successful, grad_norm, num_zeros)``; the learning
+    rate is constant (``lr``) unless the caller changes ``param_groups``.
+    ``use_distributed_optimizer`` must match the DDP config used in :func:`load_policy_from_hf`.
+    """
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.utils import get_model_config
+
+    chunks = list(model_chunks)
+    ddp_cfg = getattr(chunks[0], "ddp_config", None)
+    if ddp_cfg is None:
+        raise ValueError("build_optimizer needs DDP-wrapped model chunks (load_policy_from_hf(..., "
+                         "wrap_ddp=True))")
+    if ddp_cfg.use_distributed_optimizer != use_distributed_optimizer:
+        raise ValueError(f"use_distributed_optimizer={use_distributed_optimizer} but the model's "
+                         f"DDP config has {ddp_cfg.use_distributed_optimizer}")
+    mcfg = get_model_config(chunks[0])
+    cfg = OptimizerConfig(
+        optimizer="adam",
+        lr=lr,
+        min_lr=lr,
+        weight_decay=weight_decay,
+        adam_beta1=adam_betas[0],
+        adam_beta2=adam_betas[1],
+        adam_eps=adam_eps,
+        clip_grad=grad_clip,
+        bf16=bool(mcfg.bf16),
+        fp16=False,
+        params_dtype=mcfg.params_dtype,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(cfg, chunks)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return optimizer
+
+
+# ------------------------------------------------------------------------------- checkpoints
+
+
+def _sharded_model_state(chunks: Sequence[torch.nn.Module]) -> Dict[str, Any]:
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def save_megatron_checkpoint(
+    model_chunks: Sequence[torch.nn.Module],
+    optimizer: Any,
+    out_dir: str | os.PathLike,
+    *,
+    step: int = 0,
+) -> Path:
+    """Save model (+ optimizer when given) with ``dist_checkpointing`` (torch_dist format).
+
+    Collective.  The optimizer state is saved ``fully_reshardable`` so the checkpoint loads
+    under another TP/PP/EP/DP layout.  Writes ``<out_dir>/`` (replaced atomically by rank 0).
+    """
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    out = Path(out_dir).resolve()
+    tmp = out.with_name(out.name + ".tmp")
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if dist.is_initialized():
+        dist.barrier()
+    state = _sharded_model_state(model_chunks)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+    state["step"] = step
+    dist_checkpointing.save(state, str(tmp))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank0:
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    if dist.is_initialized():
+        dist.barrier()
+    return out
+
+
+def load_megatron_checkpoint(
+    model_chunks: Sequence[torch.nn.Module],
+    optimizer: Any,
+    ckpt_dir: str | os.PathLike,
+) -> int:
+    """Load a :func:`save_megatron_checkpoint` directory (any parallel layout); returns step."""
+    from megatron.core import dist_checkpointing
+
+    chunks = list(model_chunks)
+    state = _sharded_model_state(chunks)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state, is_loading=True,
+            metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+    state["step"] = 0
+    with torch.no_grad():
+        loaded = dist_checkpointing.load(state, str(ckpt_dir), strict="log_unexpected")
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(loaded["model"])
+    else:
+        for i, c in enumerate(chunks):
+            c.load_state_dict(loaded[f"model{i}"])
+    if optimizer is not None:
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+    return int(loaded.get("step", 0))
