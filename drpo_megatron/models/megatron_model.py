@@ -100,8 +100,8 @@ def init_distributed(
       otherwise it starts a world of one on 127.0.0.1 with a free port.
     * ``backend`` defaults to nccl with CUDA, gloo without.
     * Idempotent: a second call with the same sizes returns; different sizes raise.
-    * ``etp``: expert tensor-parallel size (Megatron default: 1 when None... see
-      ``parallel_state.initialize_model_parallel``).
+    * ``etp``: expert tensor-parallel size (None: Megatron's default, equal to ``tp``).
+    * ``seed``: Megatron's RNG tracker seed (``model_parallel_cuda_manual_seed``).
 
     Returns ``{"rank", "world_size", "tp", "pp", "ep", "dp"}``.
     """
@@ -217,6 +217,9 @@ def load_policy_from_hf(
     the ``GPTModelProvider`` (a ``TransformerConfig``) and the list of model chunks (one
     without virtual pipelining), wrapped in Megatron ``DistributedDataParallel`` when
     ``wrap_ddp`` (``use_distributed_optimizer`` must then match :func:`build_optimizer`'s).
+    With DDP, the model config's ``finalize_model_grads_func`` / ``no_sync_func`` are set, so
+    ``get_forward_backward_func()`` syncs gradients; a hand-written loop must call
+    ``megatron.core.distributed.finalize_model_grads(model_chunks)`` before ``optimizer.step()``.
 
     ``dtype``: "fp32" or "bf16" (params and compute; with bf16 the DDP grad buffers and the
     optimizer's main params stay fp32).  ``seq_parallel`` defaults to ``tp > 1`` (Megatron
@@ -272,6 +275,16 @@ def load_policy_from_hf(
         fp16=False,
         use_cpu_initialization=bool(getattr(provider, "use_cpu_initialization", False)) or cpu,
     )
+    if wrap_ddp:
+        # What Megatron's own training loop wires up: the schedules call this after the last
+        # backward (DP all-reduce / reduce-scatter, SP norm and q/k-norm grad all-reduce over TP,
+        # embedding-grad sync over PP) and use no_sync between micro-batches.
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.utils import get_model_config
+
+        mcfg = get_model_config(model[0])
+        mcfg.finalize_model_grads_func = finalize_model_grads
+        mcfg.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
     log.info("load_policy_from_hf: %s -> %d chunk(s), dtype %s, tp=%d pp=%d ep=%d sp=%s ddp=%s",
              hf_dir, len(model), dtype, tp, pp, ep, provider.sequence_parallel, wrap_ddp)
     return bridge, provider, model
@@ -385,8 +398,10 @@ def build_optimizer(
     use_distributed_optimizer: bool = False,
     *,
     adam_eps: float = 1e-8,
+    optimizer: str = "adam",
 ):
-    """Megatron optimizer (Adam/AdamW, grad clipping) for DDP-wrapped model chunks.
+    """Megatron optimizer (Adam with decoupled weight decay, or ``optimizer="sgd"``) with
+    gradient-norm clipping, for DDP-wrapped model chunks.
 
     ``optimizer.step()`` returns ``(update_successful, grad_norm, num_zeros)``; the learning
     rate is constant (``lr``) unless the caller changes ``param_groups``.
@@ -405,7 +420,8 @@ def build_optimizer(
                          f"DDP config has {ddp_cfg.use_distributed_optimizer}")
     mcfg = get_model_config(chunks[0])
     cfg = OptimizerConfig(
-        optimizer="adam",
+        optimizer=optimizer,
+        sgd_momentum=0.0,
         lr=lr,
         min_lr=lr,
         weight_decay=weight_decay,
@@ -418,10 +434,10 @@ def build_optimizer(
         params_dtype=mcfg.params_dtype,
         use_distributed_optimizer=use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(cfg, chunks)
-    for group in optimizer.param_groups:
+    megatron_optimizer = get_megatron_optimizer(cfg, chunks)
+    for group in megatron_optimizer.param_groups:
         group["lr"] = lr
-    return optimizer
+    return megatron_optimizer
 
 
 # ------------------------------------------------------------------------------- checkpoints

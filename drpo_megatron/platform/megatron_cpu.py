@@ -184,10 +184,10 @@ def _fix(func: Callable[[], None]) -> Callable[[], None]:
 def fix_typing_override() -> None:
     """``typing.override`` on Python 3.11 (added in 3.12).
 
-    megatron-bridge 0.6.2 declares Python >= 3.12 and does ``from typing import override``
-    (e.g. ``megatron/bridge/models/conversion/param_mapping.py`` chain); on 3.11 that is
-    ``ImportError: cannot import name 'override' from 'typing'``.  Fix: alias
-    ``typing_extensions.override``.
+    megatron-core 0.19.2 (wheel declares Python >= 3.12) has
+    ``from typing import ... override`` in ``megatron/training/models/hybrid.py``, which
+    ``import megatron.bridge`` imports; on 3.11 that is ``ImportError: cannot import name
+    'override' from 'typing'``.  Fix: alias ``typing_extensions.override``.
     """
     if hasattr(typing, "override"):
         return
@@ -462,14 +462,18 @@ def _caller_module(depth_limit: int = 8) -> str:
 class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
     """TorchFunctionMode that runs CUDA-targeted tensor creation/moves on the CPU."""
 
+    rewrite_devices = False  # set by fix_cuda_device_redirect
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
-            kwargs = dict(kwargs, device="cpu")
-        if kwargs.get("pin_memory"):
-            kwargs = dict(kwargs, pin_memory=False)
-        if func in _SPECIAL_FUNCS:
-            return _SPECIAL_FUNCS[func](func, args, kwargs)
+        if self.rewrite_devices:
+            if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+                kwargs = dict(kwargs, device="cpu")
+            if kwargs.get("pin_memory"):
+                kwargs = dict(kwargs, pin_memory=False)
+        handler = _SPECIAL_FUNCS.get(func)
+        if handler is not None:
+            return handler(func, args, kwargs)
         return func(*args, **kwargs)
 
 
@@ -501,12 +505,13 @@ def _tensor_type(func, args, kwargs):
     return out
 
 
-_SPECIAL_FUNCS: Dict[Any, Callable] = {
+_DEVICE_FUNCS: Dict[Any, Callable] = {
     torch.Tensor.to: _tensor_to,
     torch.Tensor.cuda: _tensor_cuda,
     torch.Tensor.pin_memory: _tensor_pin_memory,
     torch.Tensor.record_stream: _tensor_record_stream,
 }
+_SPECIAL_FUNCS: Dict[Any, Callable] = {}  # handlers of the fixes applied so far
 
 _DEVICE_MODE: Optional[_CudaToCpuMode] = None
 
@@ -532,6 +537,8 @@ def fix_cuda_device_redirect() -> None:
     ``Tensor.to``, makes ``Tensor.cuda()``/``pin_memory()`` identities and drops
     ``pin_memory=True``.
     """
+    _SPECIAL_FUNCS.update(_DEVICE_FUNCS)
+    _CudaToCpuMode.rewrite_devices = True
     _ensure_device_mode()
 
 

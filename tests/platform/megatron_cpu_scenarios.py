@@ -1,0 +1,183 @@
+"""Upstream calls that fail on CPU without one of the CPU fixes (run as a script).
+
+``python megatron_cpu_scenarios.py [--exclude FIX ...] SCENARIO ...`` applies every CPU fix
+except the excluded ones, then runs the named scenarios in order; ``all`` runs every scenario.
+Used by ``test_megatron_cpu.py``: with a fix excluded its scenario must fail with the error
+recorded in :data:`EXPECTED_ERRORS` (else the fix is obsolete), and with all fixes applied
+every scenario must pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# fix name -> (scenario, substring of the upstream error without the fix, file of the
+# innermost upstream frame that must appear in the traceback)
+EXPECTED_ERRORS = {
+    "typing_override": (
+        "import_bridge", "cannot import name 'override' from 'typing'",
+        "megatron/training/models/hybrid.py"),
+    "torchvision_op_schemas": (
+        "import_transformers_models", "operator torchvision::nms does not exist",
+        "torchvision/_meta_registrations.py"),
+    "transformer_engine_stub_for_bridge_lora": (
+        "import_bridge", "No module named 'transformer_engine'",
+        "megatron/bridge/peft/lora_layers.py"),
+    "cuda_facade": (
+        "build_moe_gpt", "Torch not compiled with CUDA enabled",
+        "megatron/core/tensor_parallel/layers.py"),
+    "cuda_device_redirect": (
+        "pipeline_schedule", "Torch not compiled with CUDA enabled",
+        "megatron/core/pipeline_parallel/schedules.py"),
+    "cuda_tensor_type_checks": (
+        "distributed_optimizer", "Wrapped parameters must be one of torch.cuda.FloatTensor",
+        "megatron/core/optimizer/distrib_optimizer.py"),
+    "cpu_rng_tracker": (
+        "rng_seed", "Torch not compiled with CUDA enabled",
+        "megatron/core/tensor_parallel/random.py"),
+    # The real failure is all_to_all_single in MoEAlltoAllTokenDispatcher with EP > 1; the
+    # scenario feeds the dispatcher's own maybe_move_tensor_to_cpu output to the same call.
+    "moe_alltoall_split_sizes": (
+        "alltoall_split_sizes", "all_to_all_single(): incompatible function arguments",
+        "torch/distributed/distributed_c10d.py"),
+    "torch_norm_sequence_parallel": (
+        "sequence_parallel_norm", "sequence parallel not supported by torch LayerNorm",
+        "megatron/core/transformer/torch_norm.py"),
+}
+
+
+def _init_dist(seed: bool = True):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(1, 1)
+    if seed:
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(1)
+
+
+def _tiny_config(**kw):
+    import torch
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from drpo_megatron.platform import cpu_transformer_overrides
+
+    fields = dict(num_layers=1, hidden_size=32, num_attention_heads=2, ffn_hidden_size=64,
+                  num_moe_experts=2, moe_router_topk=2, moe_ffn_hidden_size=32,
+                  moe_token_dispatcher_type="alltoall", params_dtype=torch.float32)
+    fields.update(cpu_transformer_overrides())
+    fields.update(kw)
+    return TransformerConfig(**fields)
+
+
+def _tiny_gpt(**kw):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    cfg = _tiny_config(**kw)
+    spec = get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts, moe_grouped_gemm=False)
+    return GPTModel(cfg, spec, vocab_size=64, max_sequence_length=16, position_embedding_type="rope")
+
+
+def import_bridge():
+    import megatron.bridge  # noqa: F401
+
+
+def import_transformers_models():
+    import transformers.modeling_utils  # noqa: F401
+
+
+def rng_seed():
+    _init_dist(seed=True)
+
+
+def build_moe_gpt():
+    _init_dist()
+    _tiny_gpt(use_cpu_initialization=False)
+
+
+def pipeline_schedule():
+    import torch
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    _init_dist()
+    model = _tiny_gpt()
+    ids = torch.randint(0, 64, (2, 8))
+    pos = torch.arange(8).expand(2, 8)
+    mask = torch.ones(8, 8, dtype=torch.bool).triu(1).view(1, 1, 8, 8)
+
+    def step(it, m):
+        next(it)
+        out = m(ids, pos, mask)
+        return out, lambda o: (o.float().mean(), {})
+
+    get_forward_backward_func()(forward_step_func=step, data_iterator=iter([0]), model=[model],
+                                num_microbatches=1, seq_length=8, micro_batch_size=2,
+                                forward_only=True)
+
+
+def distributed_optimizer():
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    _init_dist()
+    model = _tiny_gpt()
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
+        use_distributed_optimizer=True, grad_reduce_in_fp32=True), model)
+    get_megatron_optimizer(OptimizerConfig(lr=1e-3, use_distributed_optimizer=True), [ddp])
+
+
+def alltoall_split_sizes():
+    import torch
+    import torch.distributed as dist
+    from megatron.core.transformer.moe import token_dispatcher
+
+    _init_dist(seed=False)
+    splits = token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([3]), as_numpy=True)
+    inp = torch.arange(3.0)
+    out = torch.empty(3)
+    dist.all_to_all_single(out, inp, output_split_sizes=splits, input_split_sizes=splits)
+
+
+def sequence_parallel_norm():
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    cfg = _tiny_config(tensor_model_parallel_size=2, sequence_parallel=True, normalization="RMSNorm")
+    WrappedTorchNorm(cfg, 32)
+
+
+SCENARIOS = {f.__name__: f for f in (
+    import_transformers_models, import_bridge, rng_seed, build_moe_gpt, pipeline_schedule,
+    distributed_optimizer, alltoall_split_sizes, sequence_parallel_norm)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--exclude", action="append", default=[])
+    parser.add_argument("scenarios", nargs="+")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+    from drpo_megatron.platform import apply_cpu_compat
+
+    apply_cpu_compat(exclude=args.exclude)
+    names = list(SCENARIOS) if args.scenarios == ["all"] else args.scenarios
+    for name in names:
+        SCENARIOS[name]()
+        print(f"scenario {name}: ok", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
