@@ -444,9 +444,10 @@ def build_optimizer(
 
 
 def _sharded_model_state(chunks: Sequence[torch.nn.Module]) -> Dict[str, Any]:
+    # The bare GPTModel's keys: independent of DDP / Float16Module wrapping.
     if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+        return {"model": unwrap_model(chunks[0]).sharded_state_dict()}
+    return {f"model{i}": unwrap_model(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
 def save_megatron_checkpoint(
@@ -507,10 +508,10 @@ def load_megatron_checkpoint(
     with torch.no_grad():
         loaded = dist_checkpointing.load(state, str(ckpt_dir), strict="log_unexpected")
     if len(chunks) == 1:
-        chunks[0].load_state_dict(loaded["model"])
+        unwrap_model(chunks[0]).load_state_dict(loaded["model"])
     else:
         for i, c in enumerate(chunks):
-            c.load_state_dict(loaded[f"model{i}"])
+            unwrap_model(c).load_state_dict(loaded[f"model{i}"])
     if optimizer is not None:
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])

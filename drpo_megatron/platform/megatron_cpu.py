@@ -715,6 +715,129 @@ def fix_torch_norm_sequence_parallel() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Checkpointing
+# --------------------------------------------------------------------------------------------
+
+
+def _patch_distrib_optimizer_state_dict(mod: types.ModuleType) -> None:
+    cls = mod.DistributedOptimizer
+    original = cls.state_dict
+    if getattr(original, "_drpo_cpu_patch", False):
+        return
+
+    def state_dict(self):
+        inner = self.optimizer
+        if getattr(mod, "HAVE_APEX_OR_TE", True) or not isinstance(inner, torch.optim.Optimizer):
+            return original(self)
+        # A fresh torch optimizer has no per-param "step" yet: give the empty states step 0
+        # for the duration of the call, so that the step extraction finds exactly one value.
+        injected = []
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if len(inner.state[p]) == 0:
+                    inner.state[p]["step"] = torch.zeros((), dtype=torch.float32)
+                    injected.append(p)
+        try:
+            return original(self)
+        finally:
+            for p in injected:
+                inner.state.pop(p, None)
+
+    state_dict._drpo_cpu_patch = True
+    state_dict.__wrapped_cpu_original__ = original
+    cls.state_dict = state_dict
+
+
+@_fix
+def fix_distrib_optimizer_fresh_state_dict() -> None:
+    """DistributedOptimizer without Apex/TE cannot describe a fresh optimizer's state.
+
+    ``megatron/core/optimizer/distrib_optimizer.py`` ``DistributedOptimizer.state_dict``
+    (reached by ``sharded_state_dict(..., is_loading=True)`` when loading a checkpoint into a
+    new optimizer) takes the step from torch Adam's per-param ``state[p]["step"]``; before the
+    first step there is none and ``assert len(steps) == 1`` fails (``AssertionError``).  With
+    Transformer Engine or Apex (GPU) another branch is used.  Fix: while ``state_dict`` runs,
+    empty per-param states hold ``step = 0``; they are removed afterwards (the checkpoint
+    load then sets the real states).
+    """
+    _when_imported("megatron.core.optimizer.distrib_optimizer", _patch_distrib_optimizer_state_dict)
+
+
+class _NoneForMissing(dict):
+    """dict whose missing keys read as None (Megatron skips non-tensor entries)."""
+
+    def __missing__(self, key):
+        return None
+
+
+def _patch_distrib_optimizer_set_states(mod: types.ModuleType) -> None:
+    cls = mod.DistributedOptimizer
+    original = cls._set_main_param_and_optimizer_states
+    if getattr(original, "_drpo_cpu_patch", False):
+        return
+
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        return original(self, model_param, _NoneForMissing(tensors))
+
+    _set_main_param_and_optimizer_states._drpo_cpu_patch = True
+    _set_main_param_and_optimizer_states.__wrapped_cpu_original__ = original
+    cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+
+
+@_fix
+def fix_distrib_optimizer_load_torch_adam_step() -> None:
+    """Loading a DistributedOptimizer checkpoint into torch Adam fails on its ``step`` state.
+
+    ``megatron/core/optimizer/distrib_optimizer.py``
+    ``load_parameter_state_from_fully_reshardable`` leaves torch Adam's per-param ``"step"``
+    out of the tensors it passes on ("handled separately": ``load_state_dict`` sets it from
+    the param groups), but ``_set_main_param_and_optimizer_states`` copies every tensor of
+    the optimizer's state, ``step`` included, and fails with ``KeyError: 'step'``.  Only the
+    no-Apex/TE path (CPU) has a per-param ``step`` tensor.  Fix: entries missing from the
+    loaded tensors read as None, which that function already skips.
+    """
+    _when_imported("megatron.core.optimizer.distrib_optimizer", _patch_distrib_optimizer_set_states)
+
+
+def _patch_distrib_optimizer_load_state_dict(mod: types.ModuleType) -> None:
+    cls = mod.DistributedOptimizer
+    original = cls.load_state_dict
+    if getattr(original, "_drpo_cpu_patch", False):
+        return
+
+    def load_state_dict(self, state_dict):
+        out = original(self, state_dict)
+        if not getattr(mod, "HAVE_APEX_OR_TE", True) and isinstance(
+                self.optimizer, torch.optim.Optimizer):
+            seen = set()
+            for state in self.optimizer.state.values():
+                step = state.get("step")
+                if torch.is_tensor(step):
+                    if id(step) in seen:
+                        state["step"] = step.clone()
+                    seen.add(id(state["step"]))
+        return out
+
+    load_state_dict._drpo_cpu_patch = True
+    load_state_dict.__wrapped_cpu_original__ = original
+    cls.load_state_dict = load_state_dict
+
+
+@_fix
+def fix_distrib_optimizer_shared_step_after_load() -> None:
+    """After loading, all torch-Adam params of a DistributedOptimizer share ONE step tensor.
+
+    ``megatron/core/optimizer/distrib_optimizer.py`` ``DistributedOptimizer.load_state_dict``
+    (no Apex/TE branch) sets ``s["step"] = step`` with the same tensor for every param state;
+    torch Adam increments each param's step in place, so after a checkpoint load the shared
+    step advances by the number of params per optimizer step (33 for the tiny test model)
+    and Adam's bias correction is wrong: the loss after a resumed step differs from the
+    uninterrupted run (no exception).  Fix: give each param state its own copy of the step.
+    """
+    _when_imported("megatron.core.optimizer.distrib_optimizer", _patch_distrib_optimizer_load_state_dict)
+
+
+# --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
 
