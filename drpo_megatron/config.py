@@ -38,9 +38,11 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     kind: str = "arithmetic"
-    num_train: int = 2000
-    num_eval: int = 64
-    max_operand: int = 49
+    # a+b and a-b with operands in [0, max_operand]: 2 * (max_operand + 1)^2 problems in all,
+    # split into disjoint RL-train and held-out eval sets.
+    num_train: int = 160
+    num_eval: int = 40
+    max_operand: int = 9
     seed: int = 0
 
 
@@ -226,6 +228,12 @@ def validate(cfg: RunConfig) -> None:
     if cfg.model.hf_path and not Path(cfg.model.hf_path).expanduser().is_dir():
         raise ConfigError(f"model.hf_path={cfg.model.hf_path!r}: directory not found; point it at an "
                           "HF checkpoint or leave it empty for the embedded tiny policy")
+    total = 2 * (cfg.task.max_operand + 1) ** 2
+    if cfg.task.num_train + cfg.task.num_eval > total:
+        raise ConfigError(
+            f"task.num_train + task.num_eval = {cfg.task.num_train + cfg.task.num_eval} exceeds the "
+            f"{total} distinct problems with task.max_operand={cfg.task.max_operand}; lower them "
+            "or raise max_operand")
     if cfg.task.kind != "arithmetic":
         raise ConfigError(f"task.kind={cfg.task.kind!r}: only 'arithmetic' is built in")
     positive("loss.horizon", l.horizon)

@@ -39,6 +39,9 @@ def setup_run_dir(cfg: RunConfig) -> Path:
     fh = logging.FileHandler(run_dir / "logs" / "trainer.log")
     fh.setFormatter(fmt)
     root.addHandler(fh)
+    # Megatron logs every parameter of every bucket at INFO; keep its warnings only.
+    for name in ("megatron.core", "megatron.bridge"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     return run_dir
 
 
@@ -62,9 +65,20 @@ class Components:
     # -------------------------------------------------------------- loop steps
     def rollout(self, prompts, answers, *, version: int) -> list[Sample]:
         r = self.cfg.rollout
-        return generate_groups(self.servers[0], prompts, answers, n=r.samples_per_prompt,
-                               temperature=r.temperature, top_p=r.top_p,
-                               max_new_tokens=r.max_new_tokens)
+        samples = generate_groups(self.servers[0], prompts, answers, n=r.samples_per_prompt,
+                                  temperature=r.temperature, top_p=r.top_p,
+                                  max_new_tokens=r.max_new_tokens)
+        return samples
+
+    def record(self, step: int, samples: Sequence[Sample]) -> None:
+        """Append the step's samples (ids, µ, reward, advantage, version) to rollouts.jsonl."""
+        with open(self.run_dir / "rollouts.jsonl", "a") as fh:
+            for s in samples:
+                fh.write(json.dumps({"step": step, "group_id": s.group_id, "prompt_ids": s.prompt_ids,
+                                     "response_ids": s.response_ids, "rollout_logp": s.rollout_logp,
+                                     "text": s.text, "answer": s.answer, "reward": s.reward,
+                                     "advantage": s.advantage, "finish_reason": s.finish_reason,
+                                     "weight_version": s.weight_version}) + "\n")
 
     def score(self, samples: Sequence[Sample]) -> None:
         for s in samples:
@@ -201,7 +215,8 @@ def build_components(cfg: RunConfig) -> Components:
     run_dir = setup_run_dir(cfg)
     torch.manual_seed(cfg.train.seed)
     policy = Path(cfg.model.hf_path).expanduser() if cfg.model.hf_path else \
-        ensure_tiny_checkpoint(cfg.model.cache_dir, cfg.model.tiny)
+        ensure_tiny_checkpoint(cfg.model.cache_dir, cfg.model.tiny,
+                                                          max_operand=cfg.task.max_operand)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(policy))

@@ -40,6 +40,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
             c.assign_advantages(samples)
             metrics["perf/reward_time_s"] = time.time() - t0
             metrics.update(c.rollout_metrics(samples, current_version=step - 1))
+            c.record(step, samples)
 
             # 4. train: mismatch of the rollout policy vs the trainer, then mini-batch updates
             t0 = time.time()

@@ -45,16 +45,18 @@ class TinyModelConfig:
     moe_intermediate_size: int = 128
     max_position_embeddings: int = 256
     seed: int = 1234
-    # SFT warm start: teaches the answer format and some arithmetic, leaving room for RL.
+    # SFT warm start: imitate a *noisy teacher* whose answer is right with probability
+    # 1 - sft_label_noise and otherwise off by 1 or 2 (redrawn every time a problem is seen).
+    # The policy learns the format and puts the right answer as its mode, but samples it only
+    # about half the time at temperature 1: the headroom RL has to close.
     sft_steps: int = 300
     sft_batch_size: int = 64
     sft_lr: float = 3e-3
-    sft_num_problems: int = 2000
-    task_max_operand: int = 49
-    task_seed: int = 0
+    sft_label_noise: float = 0.5
 
-    def cache_key(self) -> str:
-        payload = json.dumps({"cfg": asdict(self), "vocab": VOCAB_SIZE, "format": 1}, sort_keys=True)
+    def cache_key(self, max_operand: int) -> str:
+        payload = json.dumps({"cfg": asdict(self), "vocab": VOCAB_SIZE, "format": 2,
+                              "max_operand": max_operand}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -117,26 +119,31 @@ def prompt_ids(tokenizer, question: str) -> list[int]:
     )
 
 
-def _sft(model, tokenizer, cfg: TinyModelConfig, on_progress=None) -> list[float]:
-    """Short supervised warm start on the train split (prompt tokens masked from the loss)."""
+def _sft(model, tokenizer, cfg: TinyModelConfig, max_operand: int, on_progress=None) -> list[float]:
+    """Short supervised warm start on noisy demonstrations of every problem of the task
+    (prompt tokens masked from the loss)."""
     from drpo_megatron.data.arithmetic import make_problems
 
-    problems = make_problems(cfg.sft_num_problems, seed=cfg.task_seed + 1_000_003,
-                             max_operand=cfg.task_max_operand)
+    n_all = (max_operand + 1) ** 2 * 2
+    problems = make_problems(n_all, seed=cfg.seed, max_operand=max_operand)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    rows = []
-    for p in problems:
-        prompt = prompt_ids(tokenizer, p.prompt_text)
-        resp = tokenizer.encode(p.solution_text, add_special_tokens=False) + [eos]
-        rows.append((prompt, resp))
     gen = torch.Generator().manual_seed(cfg.seed)
+    offsets = (-2, -1, 1, 2)
+
+    def demo(p):
+        answer = int(p.answer)
+        if float(torch.rand((), generator=gen)) < cfg.sft_label_noise:
+            answer += offsets[int(torch.randint(len(offsets), (), generator=gen))]
+        return (prompt_ids(tokenizer, p.prompt_text),
+                tokenizer.encode(f"\\boxed{{{answer}}}", add_special_tokens=False) + [eos])
+
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * (1 - s / cfg.sft_steps))
     losses = []
     model.train()
     for step in range(cfg.sft_steps):
-        idx = torch.randint(len(rows), (cfg.sft_batch_size,), generator=gen).tolist()
-        batch = [rows[i] for i in idx]
+        idx = torch.randint(len(problems), (cfg.sft_batch_size,), generator=gen).tolist()
+        batch = [demo(problems[i]) for i in idx]
         width = max(len(a) + len(b) for a, b in batch)
         ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
         labels = torch.full_like(ids, -100)
@@ -160,13 +167,15 @@ def _sft(model, tokenizer, cfg: TinyModelConfig, on_progress=None) -> list[float
 
 
 def ensure_tiny_checkpoint(cache_dir: str | os.PathLike, cfg: TinyModelConfig | None = None,
-                           *, show_progress: bool = True) -> Path:
-    """Return the path of the warm-started tiny Qwen3-MoE HF checkpoint, building it if needed."""
+                           *, max_operand: int = 9, show_progress: bool = True) -> Path:
+    """Return the path of the warm-started tiny Qwen3-MoE HF checkpoint, building it if needed.
+
+    ``max_operand`` is the arithmetic task's operand range (``task.max_operand``)."""
     from transformers import Qwen3MoeForCausalLM
 
     cfg = cfg or TinyModelConfig()
     root = Path(cache_dir).expanduser().resolve()
-    final = root / f"tiny-qwen3-moe-{cfg.cache_key()}"
+    final = root / f"tiny-qwen3-moe-{cfg.cache_key(max_operand)}"
     if (final / "drpo_tiny.json").exists():
         log.info("reusing tiny policy checkpoint %s", final)
         return final
@@ -188,7 +197,7 @@ def ensure_tiny_checkpoint(cache_dir: str | os.PathLike, cfg: TinyModelConfig | 
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
 
-    losses = _sft(model, tokenizer, cfg, progress)
+    losses = _sft(model, tokenizer, cfg, max_operand, progress)
     if bar is not None:
         bar.close()
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
@@ -196,7 +205,7 @@ def ensure_tiny_checkpoint(cache_dir: str | os.PathLike, cfg: TinyModelConfig | 
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "drpo_tiny.json").write_text(json.dumps(
-            {"config": asdict(cfg), "sft_loss_first": losses[0] if losses else None,
+            {"config": asdict(cfg), "max_operand": max_operand, "sft_loss_first": losses[0] if losses else None,
              "sft_loss_last": losses[-1] if losses else None, "build_s": time.time() - t0}, indent=2))
         try:
             tmp.rename(final)

@@ -15,6 +15,8 @@ multiplies by both factors so the gradient equals that of the global step loss.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import time
@@ -192,8 +194,13 @@ class MegatronActor:
     # ------------------------------------------------------------------ weights out
     def export_hf(self, out_dir: str | Path) -> Path:
         """Write the current weights as an HF checkpoint (safetensors + config + tokenizer)."""
-        return self._mm.save_hf_checkpoint(self.bridge, self.model, out_dir,
-                                           copy_from=self.cfg.hf_path)
+        chatter = io.StringIO()  # megatron-bridge prints a success banner on every save
+        with contextlib.redirect_stdout(chatter):
+            path = self._mm.save_hf_checkpoint(self.bridge, self.model, out_dir,
+                                               copy_from=self.cfg.hf_path)
+        if chatter.getvalue().strip():
+            log.debug("megatron-bridge: %s", chatter.getvalue().strip())
+        return path
 
     def save_checkpoint(self, out_dir: str | Path, step: int) -> Path:
         return self._mm.save_megatron_checkpoint(self.model, self.optimizer, out_dir, step=step)
