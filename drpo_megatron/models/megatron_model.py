@@ -443,6 +443,12 @@ def build_optimizer(
 # ------------------------------------------------------------------------------- checkpoints
 
 
+# fully_reshardable: the optimizer state loads under another TP/PP/DP layout;
+# chained_optim_avoid_prefix: the key layout of Megatron's current checkpoints.
+_OPTIM_CKPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
+                        "chained_optim_avoid_prefix": True}
+
+
 def _sharded_model_state(chunks: Sequence[torch.nn.Module]) -> Dict[str, Any]:
     # The bare GPTModel's keys: independent of DDP / Float16Module wrapping.
     if len(chunks) == 1:
@@ -459,8 +465,10 @@ def save_megatron_checkpoint(
 ) -> Path:
     """Save model (+ optimizer when given) with ``dist_checkpointing`` (torch_dist format).
 
-    Collective.  The optimizer state is saved ``fully_reshardable`` so the checkpoint loads
-    under another TP/PP/EP/DP layout.  Writes ``<out_dir>/`` (replaced atomically by rank 0).
+    Collective.  The optimizer state is saved ``fully_reshardable``: the checkpoint loads
+    under another TP/PP/DP layout.  (Megatron keeps expert params in a separate chained
+    optimizer only when EP > 1, so optimizer state does not move between EP=1 and EP>1; the
+    model part does.)  Writes ``<out_dir>/`` (replaced atomically by rank 0).
     """
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
@@ -476,7 +484,7 @@ def save_megatron_checkpoint(
     state = _sharded_model_state(model_chunks)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
-            state, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+            state, metadata=_OPTIM_CKPT_METADATA)
     state["step"] = step
     dist_checkpointing.save(state, str(tmp))
     if dist.is_initialized():
@@ -503,7 +511,7 @@ def load_megatron_checkpoint(
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
             state, is_loading=True,
-            metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+            metadata=_OPTIM_CKPT_METADATA)
     state["step"] = 0
     with torch.no_grad():
         loaded = dist_checkpointing.load(state, str(ckpt_dir), strict="log_unexpected")

@@ -45,6 +45,16 @@ EXPECTED_ERRORS = {
     "moe_alltoall_split_sizes": (
         "alltoall_split_sizes", "all_to_all_single(): incompatible function arguments",
         "torch/distributed/distributed_c10d.py"),
+    "distrib_optimizer_fresh_state_dict": (
+        "distopt_checkpoint_roundtrip", "assert len(steps) == 1",
+        "megatron/core/optimizer/distrib_optimizer.py"),
+    "distrib_optimizer_load_torch_adam_step": (
+        "distopt_checkpoint_roundtrip", "KeyError: 'step'",
+        "megatron/core/optimizer/distrib_optimizer.py"),
+    # No exception upstream: the scenario asserts what goes wrong (a shared step tensor).
+    "distrib_optimizer_shared_step_after_load": (
+        "distopt_checkpoint_roundtrip", "all params share one Adam step tensor after load",
+        "megatron_cpu_scenarios.py"),
     "torch_norm_sequence_parallel": (
         "sequence_parallel_norm", "sequence parallel not supported by torch LayerNorm",
         "megatron/core/transformer/torch_norm.py"),
@@ -139,6 +149,52 @@ def distributed_optimizer():
     get_megatron_optimizer(OptimizerConfig(lr=1e-3, use_distributed_optimizer=True), [ddp])
 
 
+def _ddp_distopt():
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    model = _tiny_gpt()
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
+        use_distributed_optimizer=True, grad_reduce_in_fp32=True), model)
+    opt = get_megatron_optimizer(OptimizerConfig(lr=1e-3, use_distributed_optimizer=True), [ddp])
+    return model, ddp, opt
+
+
+def distopt_checkpoint_roundtrip():
+    """torch_dist save of model + DistributedOptimizer (fully_reshardable), load into new ones."""
+    import tempfile
+
+    import torch
+    from megatron.core import dist_checkpointing
+    from megatron.core.distributed import finalize_model_grads
+
+    _init_dist()
+    meta = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+    model, ddp, opt = _ddp_distopt()
+    ids = torch.randint(0, 64, (2, 8))
+    pos = torch.arange(8).expand(2, 8)
+    mask = torch.ones(8, 8, dtype=torch.bool).triu(1).view(1, 1, 8, 8)
+    ddp.zero_grad_buffer()
+    ddp(ids, pos, mask).float().mean().backward()
+    finalize_model_grads([ddp])
+    opt.step()
+    with tempfile.TemporaryDirectory() as d:
+        sd = {"model": model.sharded_state_dict()}
+        sd["optimizer"] = opt.sharded_state_dict(sd, metadata=meta)
+        dist_checkpointing.save(sd, d)
+        model2, ddp2, opt2 = _ddp_distopt()
+        sd2 = {"model": model2.sharded_state_dict()}
+        sd2["optimizer"] = opt2.sharded_state_dict(sd2, is_loading=True, metadata=meta)
+        with torch.no_grad():
+            loaded = dist_checkpointing.load(sd2, d)
+            model2.load_state_dict(loaded["model"])
+            opt2.load_state_dict(loaded["optimizer"])
+    steps = [s["step"] for o in opt2.chained_optimizers for s in o.optimizer.state.values()]
+    if len({id(t) for t in steps}) == 1 and len(steps) > 1:
+        raise AssertionError("all params share one Adam step tensor after load")
+    assert all(float(t) == 1.0 for t in steps), steps
+
+
 def alltoall_split_sizes():
     import torch
     import torch.distributed as dist
@@ -160,7 +216,8 @@ def sequence_parallel_norm():
 
 SCENARIOS = {f.__name__: f for f in (
     import_transformers_models, import_bridge, rng_seed, build_moe_gpt, pipeline_schedule,
-    distributed_optimizer, alltoall_split_sizes, sequence_parallel_norm)}
+    distributed_optimizer, distopt_checkpoint_roundtrip, alltoall_split_sizes,
+    sequence_parallel_norm)}
 
 
 def main(argv=None) -> int:

@@ -13,8 +13,8 @@ torchrun and torch_dist checkpoint saves require):
   ``ep2a``/``ep2g`` (EP=2, alltoall / allgather dispatcher), ``pp2`` (1F1B)), load the HF
   checkpoint, run 3 SGD steps with Megatron's forward-backward schedule on one fixed batch,
   record loss and grad norm per step.  Run with 1 process or under torchrun with 2.
-* ``ckpt HF OUT DIR``: (2 ranks) TP2: 1 Adam step, torch_dist save incl. optimizer, 2 more
-  steps; then EP2 (DP2): load the checkpoint, 2 steps; losses must agree.
+* ``ckpt HF OUT DIR``: (2 ranks) TP2: 1 Adam step, torch_dist save incl. the distributed
+  optimizer, 2 more steps; then TP1 x DP2: load the checkpoint, 2 steps; losses must agree.
 """
 
 from __future__ import annotations
@@ -276,13 +276,16 @@ def ckpt(hf_dir: str, out: str, ckpt_dir: str) -> None:
     mm.save_megatron_checkpoint(model, opt, ckpt_dir, step=1)
     res["tp2_after"], _ = _train_steps(model, opt, 2)
 
+    # Reload as TP1 x DP2 (the distributed optimizer is then sharded over DP=2).  Between EP=1
+    # and EP>1 Megatron's optimizer layout differs (one vs two chained optimizers), so the
+    # optimizer state does not reshard across that boundary.
     _reset_parallel()
-    mm.init_distributed(ep=2, timeout_s=120)
-    _, _, model = mm.load_policy_from_hf(hf_dir, ep=2, wrap_ddp=True, use_distributed_optimizer=True,
+    mm.init_distributed(tp=1, timeout_s=120)
+    _, _, model = mm.load_policy_from_hf(hf_dir, tp=1, wrap_ddp=True, use_distributed_optimizer=True,
                                          overrides={"moe_aux_loss_coeff": 0.0})
     opt = mm.build_optimizer(model, lr=1e-2, grad_clip=1.0, use_distributed_optimizer=True)
     res["loaded_step"] = mm.load_megatron_checkpoint(model, opt, ckpt_dir)
-    res["ep2_after"], _ = _train_steps(model, opt, 2)
+    res["dp2_after"], _ = _train_steps(model, opt, 2)
     _write(f"{out}.rank{dist.get_rank()}.json", res)
     mm.destroy_distributed()
 
