@@ -228,6 +228,8 @@ def describe_config(cfg: dict) -> dict[str, str]:
     cfg = cfg if isinstance(cfg, dict) else {}
     name = _get(cfg, "name")
     model = _get(cfg, "model.name") or _get(cfg, "model.hf_path") or _get(cfg, "model.path")
+    if not model and isinstance(_get(cfg, "model.tiny"), dict):
+        model = "built-in tiny model"
     if isinstance(model, str) and model.count("/") > 1:
         model = "/".join(model.rstrip("/").split("/")[-2:])
     loss = _get(cfg, "loss.name") or (_get(cfg, "loss") if isinstance(_get(cfg, "loss"), str) else None)
@@ -249,6 +251,8 @@ def describe_config(cfg: dict) -> dict[str, str]:
         prec = "FP8 training"
     elif isinstance(rp, str) and rp:
         prec = rp.upper()
+    elif isinstance(_get(cfg, "model.dtype"), str) and _get(cfg, "model.dtype"):
+        prec = str(_get(cfg, "model.dtype")).upper()  # no FP8 anywhere: the model's dtype
     elif r8 is False or t8 is False:
         prec = "BF16"
     else:

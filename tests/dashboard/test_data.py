@@ -64,6 +64,9 @@ def test_config_legend_fields(tmp_path):
     assert describe_config({"rollout": {"precision": "fp8"}})["precision"] == "FP8 rollout"
     assert describe_config({"rollout": {"precision": "bf16"}})["precision"] == "BF16"
     assert describe_config({"rollout": {"fp8": False}})["precision"] == "BF16"
+    assert describe_config({"model": {"dtype": "bf16", "tiny": {}}}) == {
+        "name": "", "model": "built-in tiny model", "loss": "", "precision": "BF16"}
+    assert describe_config({"model": {"dtype": "bf16"}, "rollout": {"fp8": True}})["precision"] == "FP8 rollout"
     assert describe_config({}) == {"name": "", "model": "", "loss": "", "precision": ""}
     assert describe_config(None)["precision"] == ""  # type: ignore[arg-type]
     assert describe_config({"model": {"name": "m"}, "loss": "grpo"})["loss"] == "grpo"
