@@ -236,6 +236,26 @@ def validate(cfg: RunConfig) -> None:
             "or raise max_operand")
     if cfg.task.kind != "arithmetic":
         raise ConfigError(f"task.kind={cfg.task.kind!r}: only 'arithmetic' is built in")
+    from drpo_megatron.algorithms import AGGREGATION_MODES, ADVANTAGE_ESTIMATORS, make_loss_config
+
+    try:
+        make_loss_config(l.name, l.params)
+    except ValueError as e:
+        raise ConfigError(f"loss: {e}") from e
+    if l.aggregation not in AGGREGATION_MODES:
+        raise ConfigError(f"loss.aggregation={l.aggregation!r}: choose one of {list(AGGREGATION_MODES)}")
+    if l.advantage not in ADVANTAGE_ESTIMATORS:
+        raise ConfigError(f"loss.advantage={l.advantage!r}: choose one of {sorted(ADVANTAGE_ESTIMATORS)}")
+    from drpo_megatron.weights.transport import WEIGHT_TRANSPORTS
+
+    if r.weight_transport not in WEIGHT_TRANSPORTS:
+        raise ConfigError(f"rollout.weight_transport={r.weight_transport!r}: choose one of "
+                          f"{sorted(WEIGHT_TRANSPORTS)}")
+    from drpo_megatron.mismatch.writers import WRITERS
+
+    for w in cfg.logging.writers:
+        if w not in WRITERS:
+            raise ConfigError(f"logging.writers: {w!r} is not a writer; choose from {sorted(WRITERS)}")
     positive("loss.horizon", l.horizon)
     if l.aggregation == "seq-mean-token-sum-norm" and l.horizon < r.max_new_tokens:
         raise ConfigError(

@@ -96,9 +96,10 @@ class Components:
     def rollout_metrics(self, samples, current_version: int) -> dict[str, float]:
         return rollout_metrics(samples, current_version=str(current_version))
 
-    def mismatch(self, samples: Sequence[Sample]) -> dict[str, float]:
-        """Trainer log-probs (before this step's updates) vs the rollout engine's µ."""
-        from drpo_megatron.mismatch import compute_mismatch_metrics
+    def mismatch(self, step: int, samples: Sequence[Sample]) -> dict[str, float]:
+        """Trainer log-probs (before this step's updates) vs the rollout engine's µ; scalars are
+        returned, per-token distributions go to the writers' histograms."""
+        from drpo_megatron.mismatch import compute_mismatch_metrics, mismatch_histogram_tensors
 
         logp = self.actor.compute_logprobs(samples, self.pad_id)
         flat = torch.cat(logp)
@@ -106,9 +107,10 @@ class Components:
         seq = torch.cat([torch.full((len(s.rollout_logp),), i) for i, s in enumerate(samples)])
         adv = torch.cat([torch.full((len(s.rollout_logp),), s.advantage) for s in samples])
         delta = float(self.cfg.loss.params.get("delta", 12.5))
-        metrics = compute_mismatch_metrics(flat, mu, torch.ones_like(flat, dtype=torch.bool),
-                                           seq_ids=seq, advantages=adv, delta=delta)
-        self._last_mismatch_tensors = (flat, mu, seq, adv, delta)
+        mask = torch.ones_like(flat, dtype=torch.bool)
+        metrics = compute_mismatch_metrics(flat, mu, mask, seq_ids=seq, advantages=adv, delta=delta)
+        self.writers.log_histograms(step, mismatch_histogram_tensors(flat, mu, mask, advantages=adv,
+                                                                     delta=delta))
         return metrics
 
     def train_on(self, samples: Sequence[Sample]) -> dict[str, float]:

@@ -44,7 +44,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
 
             # 4. train: mismatch of the rollout policy vs the trainer, then mini-batch updates
             t0 = time.time()
-            metrics.update(c.mismatch(samples))
+            metrics.update(c.mismatch(step, samples))
             metrics.update(c.train_on(samples))
             metrics["perf/train_time_s"] = time.time() - t0
             metrics.update(c.throughput(samples, metrics["perf/train_time_s"]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -105,7 +106,7 @@ def test_sglang_greedy_equals_hf_after_sync(run_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from drpo_megatron.models.tiny import build_tokenizer, prompt_ids
-    from drpo_megatron.rollout.server import ServerConfig, SGLangServer
+    from drpo_megatron.rollout.server import ServerConfig, ServerError, SGLangServer
 
     exported = run_dir / "weights" / f"v{STEPS:06d}"
     tok = build_tokenizer()
@@ -116,6 +117,11 @@ def test_sglang_greedy_equals_hf_after_sync(run_dir, tmp_path):
         srv.update_weights_from_disk(exported, weight_version="synced")
         assert srv.weight_version() == "synced"
         outs = srv.generate(prompts, {"temperature": 0.0, "max_new_tokens": 12})
+        # a dead server stops the run with a message naming its log file, never a hang
+        os.killpg(srv.proc.pid, signal.SIGKILL)
+        srv.proc.wait(timeout=30)
+        with pytest.raises(ServerError, match=r"exited with code .*sglang-0\.log"):
+            srv.generate(prompts, {"temperature": 0.0, "max_new_tokens": 4})
     for p, out in zip(prompts, outs):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False,

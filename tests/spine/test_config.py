@@ -29,6 +29,14 @@ def test_defaults_and_embedded_yaml_load():
     ({"loss": {"horizon": 4}}, r"loss.horizon=4 is below rollout.max_new_tokens=16"),
     ({"rollout": {"server": {"startup_timeout_s": "x"}}}, r"rollout.server.startup_timeout_s='x'"),
     ({"rollout": []}, r"rollout: expected a mapping"),
+    ({"loss": {"name": "ppo"}}, r"loss: .*ppo"),
+    ({"loss": {"params": {"delta": -1.0}}}, r"loss: .*delta"),
+    ({"loss": {"params": {"deltta": 1.0}}}, r"loss: .*deltta"),
+    ({"loss": {"aggregation": "mean"}}, r"loss.aggregation='mean'"),
+    ({"loss": {"advantage": "ppo"}}, r"loss.advantage='ppo'"),
+    ({"rollout": {"weight_transport": "ftp"}}, r"rollout.weight_transport='ftp'"),
+    ({"logging": {"writers": ["jsonl", "csv"]}}, r"logging.writers: 'csv'"),
+    ({"task": {"num_train": 500}}, r"task.num_train \+ task.num_eval = 540 exceeds the 200"),
 ])
 def test_bad_values(overrides, match):
     with pytest.raises(ConfigError, match=match):
