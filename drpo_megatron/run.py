@@ -58,6 +58,8 @@ class Components:
     writers: Any
     reward_fn: Any
     pad_id: int
+    flops_model: Any = None
+    peak_flops: float = float("nan")
     cursor: int = 0
     order: list = field(default_factory=list)
     _bar: Any = None
@@ -131,11 +133,19 @@ class Components:
         return out
 
     def throughput(self, samples: Sequence[Sample], train_time_s: float) -> dict[str, float]:
-        tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
-        # forward for the mismatch log-probs + forward/backward per update
+        """tokens/s per device and MFU of the train phase (training/flops.py's convention).
+
+        Every sample is trained once (mini-batches are disjoint) after one forward for the
+        mismatch log-probs: 1 + 1/3 fwd+bwd passes per token."""
+        from drpo_megatron.training.flops import throughput_metrics
+
+        lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        return {"perf/train_tokens": float(tokens),
-                "perf/tokens_per_s_per_gpu": tokens / max(train_time_s, 1e-9) / world}
+        out = throughput_metrics(self.flops_model, tokens=sum(lengths),
+                                 seq_len=round(sum(lengths) / len(lengths)), seconds=train_time_s,
+                                 num_devices=world, peak_flops=self.peak_flops, passes=4 / 3)
+        out["perf/train_tokens"] = float(sum(lengths))
+        return out
 
     # -------------------------------------------------------------- progress / teardown
     def progress(self, it):
@@ -240,8 +250,14 @@ def build_components(cfg: RunConfig) -> Components:
     except BaseException:
         server.stop()
         raise
+    from drpo_megatron.training.flops import FlopsModel, device_peak_flops
+
+    flops_model = FlopsModel.from_hf_config(json.loads((policy / "config.json").read_text()))
+    device, peak = device_peak_flops("bf16")
+    log.info("MFU is relative to %s peak %.3g FLOP/s", device, peak)
     writers = build_writers(cfg.logging.writers, run_dir)
     transport = build_transport(cfg.rollout.weight_transport, actor, [server], run_dir / "weights")
     return Components(cfg=cfg, run_dir=run_dir, tokenizer=tokenizer, train_set=train_set,
                       eval_set=eval_set, actor=actor, servers=[server], transport=transport,
-                      writers=writers, reward_fn=reward_fn, pad_id=tokenizer.pad_token_id)
+                      writers=writers, reward_fn=reward_fn, pad_id=tokenizer.pad_token_id,
+                      flops_model=flops_model, peak_flops=peak)
