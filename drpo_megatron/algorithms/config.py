@@ -98,7 +98,7 @@ def _coerce_and_check(obj: Any) -> None:
         if check is not None:
             ok, why = _CHECKS[check]
             if not ok(value):
-                _fail(cls_name, f.name, value, why,
+                _fail(cls_name, f.name, getattr(obj, f.name), why,
                       f"set {f.name} to a value that {why.replace('must be', 'is')} "
                       f"(default {default!r})")
         object.__setattr__(obj, f.name, value)
