@@ -19,7 +19,12 @@ Rules:
   fix obsolete is noticed.
 * Model-building code on CPU should also apply :func:`cpu_transformer_overrides` to its
   ``TransformerConfig`` / model provider (fusions off, CPU init, no expert bias, no grouped
-  GEMM, local layer spec).
+  GEMM, local layer spec) and pass an explicit attention mask.
+
+Scope and cost: the device redirect is a ``TorchFunctionMode`` entered on the thread that
+calls :func:`apply_cpu_compat` (call it from the main thread; Megatron's compute runs there);
+it adds about 4 us of Python per torch call.  Every multi-process entry point must be guarded
+by ``if __name__ == "__main__"`` (torch_dist checkpoint saves start processes).
 """
 
 from __future__ import annotations

@@ -218,3 +218,58 @@ def test_distributed_optimizer_checkpoint_reshards(tiny_hf, tmp_path):
         assert r["loaded_step"] == 1
         # same weights and Adam state after the reload: same next two losses
         assert r["dp2_after"] == pytest.approx(r["tp2_after"], rel=LAYOUT_RTOL)
+
+
+# ------------------------------------------------------------------------ apply semantics
+
+_NOOP_WITH_CUDA = r"""
+import sys, torch
+torch.cuda.is_available = lambda: True          # pretend a GPU machine
+orig_current_device = torch.cuda.current_device
+meta_path = list(sys.meta_path)
+from drpo_megatron.platform import apply_cpu_compat
+from drpo_megatron.platform import megatron_cpu as mc
+assert apply_cpu_compat() == []
+assert torch.cuda.current_device is orig_current_device
+assert sys.meta_path == meta_path and mc._DEVICE_MODE is None and mc.applied_fixes() == []
+import typing
+print("noop ok")
+"""
+
+_AFTER_IMPORT_AND_IDEMPOTENT = r"""
+import torch
+import megatron.core.tensor_parallel.random as random_mod
+import megatron.core.optimizer.distrib_optimizer as distopt
+import megatron.core.transformer.moe.token_dispatcher as disp
+import megatron.core.transformer.torch_norm as torch_norm
+from drpo_megatron.platform import CPU_FIXES, apply_cpu_compat
+from drpo_megatron.platform import megatron_cpu as mc
+first = apply_cpu_compat()
+second = apply_cpu_compat()
+assert first == second == [f.name for f in CPU_FIXES], (first, second)
+assert random_mod.CudaRNGStatesTracker.__name__ == "CpuRNGStatesTracker"
+assert random_mod.CudaRNGStatesTracker.__mro__[1].__name__ == "CudaRNGStatesTracker"  # one layer
+for fn in (distopt.DistributedOptimizer.state_dict, distopt.DistributedOptimizer.load_state_dict,
+           disp.maybe_move_tensor_to_cpu):
+    assert getattr(fn, "_drpo_cpu_patch", False)
+    assert not getattr(fn.__wrapped_cpu_original__, "_drpo_cpu_patch", False)  # not doubled
+assert getattr(torch_norm.WrappedTorchNorm.__new__, "_drpo_cpu_patch", False)
+# the device redirect: CUDA placements land on the CPU; the true type() outside optimizers
+x = torch.zeros(2, device="cuda")
+assert x.device.type == "cpu" and x.cuda() is x and x.to("cuda:0").device.type == "cpu"
+assert x.type() == "torch.FloatTensor"
+assert torch.cuda.current_device() == 0 and not torch.cuda.is_available()
+print("after-import ok")
+"""
+
+
+def test_noop_when_cuda_available():
+    proc = _run(["-c", _NOOP_WITH_CUDA], timeout=120)
+    _check(proc, "no-op check")
+    assert "noop ok" in proc.stdout
+
+
+def test_apply_after_megatron_import_is_idempotent():
+    proc = _run(["-c", _AFTER_IMPORT_AND_IDEMPOTENT], timeout=180)
+    _check(proc, "apply after import")
+    assert "after-import ok" in proc.stdout
