@@ -380,7 +380,7 @@ def _topk_divergence(b: TokenBatch, mu_k_lp, pi_k_lp, in_topk, kind: str) -> tor
         mu_o = (1.0 - mu_k.sum(-1) - mu_s).clamp_(min=0.0)
         pi_o = (1.0 - pi_k.sum(-1) - pi_s).clamp_(min=0.0)
         if kind == "tv":
-            d = torch.linalg.vector_norm(pi_k - mu_k, ord=1, dim=-1)
+            d = (pi_k - mu_k).abs_().sum(-1)
             flat_out[sl] = 0.5 * (d + (pi_s - mu_s).abs() + (pi_o - mu_o).abs())
         else:
             kl_k = (mu_k * (lmu - lpi)).sum(-1)
