@@ -19,7 +19,7 @@ Inputs (same shape, normally [T] = all response tokens of a micro-batch, packed)
                 a trainer may pass the same extras to every loss.
 
 Output:
-  per_token_loss  fp32, same shape, = -objective_t on valid tokens and exactly 0 elsewhere
+  per_token_loss  fp32 (fp64 for fp64 inputs), same shape, = -objective_t on valid tokens and exactly 0 elsewhere
                   (masked tokens, and tokens whose anchor log-prob or advantage is non-finite:
                   those are dropped and counted in ``loss/dropped_nonfinite``). Reduce it with
                   :func:`~drpo_megatron.algorithms.aggregation.aggregate_loss`.
@@ -42,9 +42,9 @@ reference of w_t and the value against finite differences, golden numbers and th
 Metrics of every loss: ``loss/num_tokens``, ``loss/dropped_nonfinite``,
 ``loss/ratio_{mean,min,max}``, ``loss/prob_diff_gt_delta_frac`` (|pi - mu| > cfg.monitor_delta),
 ``loss/weight_{mean,min,max}`` and ``loss/weight_neg_frac`` (the closed-form w, e.g. DRPO's
-weight). Losses that clip or mask add
-``loss/clipfrac_adv_pos`` / ``loss/clipfrac_adv_neg`` (fraction of *all* valid tokens that are
-clipped/masked and have A > 0 / A < 0); regularized losses add ``loss/regularizer`` (mean penalty).
+weight). Losses that clip or mask add ``loss/clipfrac_adv_pos`` / ``loss/clipfrac_adv_neg``
+(fraction of *all* valid tokens that are clipped/masked and have A > 0 / A < 0); regularized
+losses add ``loss/regularizer`` (mean penalty).
 """
 
 from __future__ import annotations
@@ -59,8 +59,7 @@ from .config import resolve_loss_config
 
 # Probabilities inside the logs of the KL masks are floored at the dtype's smallest normal number
 # (log = -87.3 in fp32), so a vanishing bucket of the current policy reads as a very large, finite
-# divergence.
-# Reported value of an infinite divergence (pi = 0 where mu > 0) in loss/divergence_{mean,max}.
+# divergence. An infinite divergence is reported as _DIV_CAP in loss/divergence_{mean,max}.
 _DIV_CAP = 1e30
 
 
