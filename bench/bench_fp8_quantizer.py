@@ -29,6 +29,7 @@ import ctypes
 import os
 import random
 import statistics
+import textwrap
 import subprocess
 import sys
 import time
@@ -192,6 +193,9 @@ def main() -> None:
             "one chunk). On CUDA the whole tensor is one chunk"
             + ("." if cpu else "; this table is from a GPU.")
             + (" Not yet measured on a GPU (`--device cuda`)." if cpu else "")]
+    # wrap the prose to 100 columns like the rest of docs/ (tables and code stay as they are)
+    out = [textwrap.fill(line, 100, break_on_hyphens=False, break_long_words=False)
+           if line and not line.startswith(("|", "```", "#", "OMP_")) else line for line in out]
     text = "\n".join(out) + "\n"
     print(text)
     if args.update_doc is not None:
