@@ -54,6 +54,9 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 16
     weight_transport: str = "disk"
+    # Weights the server runs: bf16 | fp8_emulated (CPU stand-in for FP8 rollouts: 128x128
+    # blockwise e4m3 quantize-dequantize at every sync) | fp8 (real FP8 checkpoint; GPU servers).
+    precision: str = "bf16"
     server: ServerConfig = field(default_factory=ServerConfig)
 
 
@@ -83,9 +86,9 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 30
-    eval_every: int = 10
-    eval_samples_per_prompt: int = 4
+    max_steps: int = 150
+    eval_every: int = 25
+    eval_samples_per_prompt: int = 8
     seed: int = 1234
 
 
@@ -198,6 +201,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return cfg
 
 
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def validate(cfg: RunConfig) -> None:
     """Semantic checks that do not need any process to start."""
     def positive(path: str, value, kind=int):
@@ -251,6 +260,13 @@ def validate(cfg: RunConfig) -> None:
     if r.weight_transport not in WEIGHT_TRANSPORTS:
         raise ConfigError(f"rollout.weight_transport={r.weight_transport!r}: choose one of "
                           f"{sorted(WEIGHT_TRANSPORTS)}")
+    from drpo_megatron.weights.hf_export import ROLLOUT_PRECISIONS
+
+    if r.precision not in ROLLOUT_PRECISIONS:
+        raise ConfigError(f"rollout.precision={r.precision!r}: choose one of {list(ROLLOUT_PRECISIONS)}")
+    if r.precision == "fp8" and not torch_cuda_available():
+        raise ConfigError("rollout.precision='fp8' needs SGLang's FP8 kernels (a CUDA GPU); on CPU "
+                          "use 'fp8_emulated', which carries the same weight error")
     from drpo_megatron.mismatch.writers import WRITERS
 
     for w in cfg.logging.writers:

@@ -63,6 +63,7 @@ class Components:
     cursor: int = 0
     order: list = field(default_factory=list)
     _bar: Any = None
+    _old_logp: Any = None
 
     # -------------------------------------------------------------- loop steps
     def rollout(self, prompts, answers, *, version: int) -> list[Sample]:
@@ -104,6 +105,7 @@ class Components:
         from drpo_megatron.mismatch import compute_mismatch_metrics, mismatch_histogram_tensors
 
         logp = self.actor.compute_logprobs(samples, self.pad_id)
+        self._old_logp = logp  # π_old: the anchor when the loss config says anchor: old_policy
         flat = torch.cat(logp)
         mu = torch.cat([torch.tensor(s.rollout_logp, dtype=torch.float32) for s in samples])
         seq = torch.cat([torch.full((len(s.rollout_logp),), i) for i, s in enumerate(samples)])
@@ -116,15 +118,19 @@ class Components:
         return metrics
 
     def train_on(self, samples: Sequence[Sample]) -> dict[str, float]:
-        """``optim.updates_per_rollout`` optimizer steps, each on whole prompt groups."""
+        """``optim.updates_per_rollout`` optimizer steps, each on whole prompt groups.
+
+        The anchor is the rollout's µ unless the loss config says ``anchor: old_policy``; then it
+        is π_old recomputed by :meth:`mismatch` before any update of this step (never a silent
+        switch: the choice is the loss config's ``anchor`` field)."""
         k = self.cfg.optim.updates_per_rollout
-        n = self.cfg.rollout.samples_per_prompt
-        groups = [samples[i: i + n] for i in range(0, len(samples), n)]
-        per = len(groups) // k
+        per = len(samples) // k  # whole groups: prompts_per_step is divisible by k
+        old_policy = self.actor.loss_cfg.anchor == "old_policy"
         reports = []
         for u in range(k):
-            mb = [s for g in groups[u * per:(u + 1) * per] for s in g]
-            reports.append(self.actor.train_step(mb, self.pad_id))
+            sl = slice(u * per, (u + 1) * per)
+            reports.append(self.actor.train_step(
+                samples[sl], self.pad_id, anchor_logp=self._old_logp[sl] if old_policy else None))
         out: dict[str, float] = {}
         for key in reports[0]:
             vals = [r[key] for r in reports if key in r]
@@ -256,7 +262,10 @@ def build_components(cfg: RunConfig) -> Components:
     device, peak = device_peak_flops("bf16")
     log.info("MFU is relative to %s peak %.3g FLOP/s", device, peak)
     writers = build_writers(cfg.logging.writers, run_dir)
-    transport = build_transport(cfg.rollout.weight_transport, actor, [server], run_dir / "weights")
+    transport = build_transport(cfg.rollout.weight_transport, actor, [server], run_dir / "weights",
+                                precision=cfg.rollout.precision)
+    if cfg.rollout.precision != "bf16":
+        transport.push(version=0)  # the server loaded unquantized weights: send version 0 as FP8
     return Components(cfg=cfg, run_dir=run_dir, tokenizer=tokenizer, train_set=train_set,
                       eval_set=eval_set, actor=actor, servers=[server], transport=transport,
                       writers=writers, reward_fn=reward_fn, pad_id=tokenizer.pad_token_id,

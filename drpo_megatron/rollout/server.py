@@ -188,14 +188,34 @@ class SGLangServer:
         return out if isinstance(out, list) else [out]
 
     def update_weights_from_disk(self, path: str | os.PathLike, weight_version: str) -> dict:
+        """Load new weights from an HF checkpoint directory, then flush the prefix cache (KV
+        entries computed with the old weights must never be reused)."""
         res = self._post("/update_weights_from_disk",
                          {"model_path": str(path), "weight_version": weight_version,
-                          "flush_cache": True, "abort_all_requests": False},
+                          "flush_cache": False, "abort_all_requests": False},
                          self.cfg.weight_update_timeout_s, "update_weights_from_disk")
         if not res.get("success", False):
             raise ServerError(f"{self.name}: update_weights_from_disk({path}) failed: "
                               f"{res.get('message')}; see {self.log_path}")
+        self.flush_cache()
         return res
+
+    def flush_cache(self, timeout_s: float | None = None) -> None:
+        """``/flush_cache``, retried while SGLang still retires finished requests (it refuses
+        to flush with requests running or queued, which briefly includes just-returned ones)."""
+        timeout_s = timeout_s or self.cfg.weight_update_timeout_s
+        t0 = time.time()
+        delay = 0.05
+        while True:
+            self.check_alive()
+            r = self._session.post(self.url + "/flush_cache", timeout=timeout_s)
+            if r.status_code == 200:
+                return
+            if time.time() - t0 > timeout_s:
+                raise ServerError(f"{self.name}: /flush_cache still refused after {timeout_s:.0f}s "
+                                  f"(HTTP {r.status_code}: {r.text[:200]}); see {self.log_path}")
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     def set_weight_version(self, version: str) -> None:
         res = self._post("/update_weight_version", {"new_version": version, "abort_all_requests": False},

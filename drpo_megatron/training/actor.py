@@ -15,10 +15,7 @@ multiplies by both factors so the gradient equals that of the global step loss.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,13 +24,12 @@ from typing import Any, Sequence
 
 import torch
 
-from drpo_megatron.algorithms import POLICY_LOSSES, aggregate_loss, make_loss_config
+from drpo_megatron.algorithms import POLICY_LOSSES, aggregate_loss, make_loss_config, reduce_metrics
 from drpo_megatron.rollout.engine import Sample
 from drpo_megatron.training.batch import MicroBatch, causal_attention_mask, pack_samples
 
 log = logging.getLogger(__name__)
 
-LOG_RATIO_CLAMP = 20.0  # both reference implementations clamp log(pi/mu) to +-20 before exp
 
 
 @dataclass
@@ -174,7 +170,6 @@ class MegatronActor:
                                   horizon=self.cfg.horizon)
             report = {k: float(v) for k, v in metrics.items()}
             report["loss/policy_loss"] = float(loss.detach())  # summed over micro-batches below
-            report["_tokens"] = float(m.sum())
             return loss * num_mb * dp, report
 
         def forward_step(data_iterator, model):
@@ -192,14 +187,19 @@ class MegatronActor:
         return out
 
     # ------------------------------------------------------------------ weights out
-    def export_hf(self, out_dir: str | Path) -> Path:
-        """Write the current weights as an HF checkpoint (safetensors + config + tokenizer)."""
-        chatter = io.StringIO()  # megatron-bridge prints a success banner on every save
-        with contextlib.redirect_stdout(chatter):
-            path = self._mm.save_hf_checkpoint(self.bridge, self.model, out_dir,
-                                               copy_from=self.cfg.hf_path)
-        if chatter.getvalue().strip():
-            log.debug("megatron-bridge: %s", chatter.getvalue().strip())
+    def export_hf(self, out_dir: str | Path, precision: str = "bf16") -> Path:
+        """Write the current weights as an HF checkpoint (safetensors + config + tokenizer),
+        transformed for the rollout ``precision`` (see ``weights.hf_export``).  Collective under
+        model parallelism: every rank iterates the gathered tensors, rank 0 writes."""
+        import torch.distributed as dist
+
+        from drpo_megatron.weights.hf_export import write_hf_checkpoint
+
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        path = write_hf_checkpoint(self._mm.export_hf_state_dict(self.bridge, self.model), out_dir,
+                                   source_dir=self.cfg.hf_path, precision=precision, write=rank0)
+        if dist.is_initialized():
+            dist.barrier()
         return path
 
     def save_checkpoint(self, out_dir: str | Path, step: int) -> Path:
@@ -207,22 +207,11 @@ class MegatronActor:
 
 
 def _merge_reports(reports: list[dict[str, float]] | None) -> dict[str, float]:
-    """Token-weighted mean of per-micro-batch metrics; ``loss/policy_loss`` is summed."""
+    """Per-micro-batch loss metrics combined by ``reduce_metrics`` (token-weighted means, summed
+    counts, min/max); ``loss/policy_loss`` is the sum of the micro-batch contributions."""
     if not reports:
         return {}
-    total = sum(r.get("_tokens", 0.0) for r in reports) or 1.0
-    out: dict[str, float] = {}
-    for r in reports:
-        w = r.get("_tokens", 0.0) / total
-        for k, v in r.items():
-            if k == "_tokens":
-                continue
-            if k == "loss/policy_loss" or k.endswith("_count"):
-                out[k] = out.get(k, 0.0) + v
-            elif k.endswith("_max"):
-                out[k] = max(out.get(k, -math.inf), v)
-            elif k.endswith("_min"):
-                out[k] = min(out.get(k, math.inf), v)
-            else:
-                out[k] = out.get(k, 0.0) + w * v
+    total = sum(r["loss/policy_loss"] for r in reports)
+    out = reduce_metrics([{k: v for k, v in r.items() if k != "loss/policy_loss"} for r in reports])
+    out["loss/policy_loss"] = total
     return out

@@ -28,16 +28,18 @@ class DiskTransport:
     Keeps only the newest export (the previous one is removed after every server switched).
     """
 
-    def __init__(self, actor, servers: Sequence[SGLangServer], work_dir: str | Path):
+    def __init__(self, actor, servers: Sequence[SGLangServer], work_dir: str | Path,
+                 precision: str = "bf16"):
         self.actor = actor
         self.servers = list(servers)
         self.work_dir = Path(work_dir)
+        self.precision = precision
         self._previous: Path | None = None
 
     def push(self, version: int) -> dict[str, float]:
         t0 = time.time()
         target = self.work_dir / f"v{version:06d}"
-        self.actor.export_hf(target)
+        self.actor.export_hf(target, precision=self.precision)
         t_export = time.time() - t0
         for s in self.servers:
             s.update_weights_from_disk(target, weight_version=str(version))
@@ -54,8 +56,8 @@ class DiskTransport:
 WEIGHT_TRANSPORTS = {"disk": DiskTransport}
 
 
-def build_transport(name: str, actor, servers, work_dir) -> WeightTransport:
+def build_transport(name: str, actor, servers, work_dir, precision: str = "bf16") -> WeightTransport:
     if name not in WEIGHT_TRANSPORTS:
         raise ValueError(f"rollout.weight_transport={name!r} is unknown; choose one of "
                          f"{sorted(WEIGHT_TRANSPORTS)}")
-    return WEIGHT_TRANSPORTS[name](actor, servers, work_dir)
+    return WEIGHT_TRANSPORTS[name](actor, servers, work_dir, precision=precision)

@@ -35,12 +35,19 @@ def test_defaults_and_embedded_yaml_load():
     ({"loss": {"aggregation": "mean"}}, r"loss.aggregation='mean'"),
     ({"loss": {"advantage": "ppo"}}, r"loss.advantage='ppo'"),
     ({"rollout": {"weight_transport": "ftp"}}, r"rollout.weight_transport='ftp'"),
+    ({"rollout": {"precision": "int4"}}, r"rollout.precision='int4'"),
     ({"logging": {"writers": ["jsonl", "csv"]}}, r"logging.writers: 'csv'"),
     ({"task": {"num_train": 500}}, r"task.num_train \+ task.num_eval = 540 exceeds the 200"),
 ])
 def test_bad_values(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CPU-only error")
+def test_real_fp8_rollout_on_cpu_points_to_emulation():
+    with pytest.raises(ConfigError, match="use 'fp8_emulated'"):
+        load_config(None, {"rollout": {"precision": "fp8"}})
 
 
 def test_missing_config_file(tmp_path):
