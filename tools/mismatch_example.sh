@@ -5,18 +5,15 @@
 #   tools/mismatch_example.sh                 # from the repository root
 #   BF16_CONFIG=... FP8_CONFIG=... STEPS=30 tools/mismatch_example.sh
 #
-# TODO(lead): the two config files below are PLACEHOLDERS. Point them at the trainer's real
-# configs once they exist (same model, data, seed and loss; only the rollout precision differs:
-# the FP8 one emulates FP8 rollout on CPU by pushing FP8-quantized-then-dequantized weights to
-# SGLang, see /work/shared/CPU_NOTES.md), then run this script and write up the result in the
-# "Worked example" section of docs/mismatch.md.
+# The two configs are identical except rollout.precision (bf16 vs fp8_emulated: the FP8 run
+# pushes 128x128-blockwise e4m3 quantized-then-dequantized weights to SGLang at every sync).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
-BF16_CONFIG="${BF16_CONFIG:-model_configs/PLACEHOLDER_bf16_rollout.yaml}"
-FP8_CONFIG="${FP8_CONFIG:-model_configs/PLACEHOLDER_fp8_emulated_rollout.yaml}"
-STEPS="${STEPS:-}"                      # empty: the configs' train.max_steps
+BF16_CONFIG="${BF16_CONFIG:-model_configs/tiny_qwen3_moe_cpu.yaml}"
+FP8_CONFIG="${FP8_CONFIG:-model_configs/tiny_qwen3_moe_cpu_fp8_emulated.yaml}"
+STEPS="${STEPS:-60}"                    # empty: the configs' train.max_steps
 DRPO="${DRPO:-.venv/bin/drpo}"
 REPORT="${REPORT:-docs/mismatch_report.html}"
 SHOT="${SHOT:-docs/mismatch_dashboard.png}"
@@ -24,7 +21,7 @@ SHOT_SIZE="${SHOT_SIZE:-1500,4200}"     # width,height of the screenshot (top se
 
 for cfg in "$BF16_CONFIG" "$FP8_CONFIG"; do
   if [[ ! -f "$cfg" ]]; then
-    echo "missing config: $cfg (set BF16_CONFIG / FP8_CONFIG; see the TODO at the top)" >&2
+    echo "missing config: $cfg (set BF16_CONFIG / FP8_CONFIG)" >&2
     exit 2
   fi
 done

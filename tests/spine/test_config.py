@@ -68,3 +68,8 @@ def test_cli_reports_config_error_before_starting_anything(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "loss.horizon=1" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("path", sorted(__import__("glob").glob("model_configs/*.yaml")))
+def test_shipped_model_configs_validate(path):
+    assert load_config(path).train.max_steps > 0
