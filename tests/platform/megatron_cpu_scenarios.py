@@ -2,6 +2,8 @@
 
 ``python megatron_cpu_scenarios.py [--exclude FIX ...] SCENARIO ...`` applies every CPU fix
 except the excluded ones, then runs the named scenarios in order; ``all`` runs every scenario.
+``--batch OUT.json`` runs, each in a forked child of one parent that has imported Megatron-Core
+unpatched, every "without fix X" job and the "all fixes" job, and writes rc + output per job.
 Used by ``test_megatron_cpu.py``: with a fix excluded its scenario must fail with the error
 recorded in :data:`EXPECTED_ERRORS` (else the fix is obsolete), and with all fixes applied
 every scenario must pass.
@@ -220,20 +222,97 @@ SCENARIOS = {f.__name__: f for f in (
     sequence_parallel_norm)}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--exclude", action="append", default=[])
-    parser.add_argument("scenarios", nargs="+")
-    args = parser.parse_args(argv)
+def _run_one(exclude, scenarios) -> int:
     sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
     from drpo_megatron.platform import apply_cpu_compat
 
-    apply_cpu_compat(exclude=args.exclude)
-    names = list(SCENARIOS) if args.scenarios == ["all"] else args.scenarios
+    apply_cpu_compat(exclude=exclude)
+    names = list(SCENARIOS) if scenarios == ["all"] else scenarios
     for name in names:
         SCENARIOS[name]()
         print(f"scenario {name}: ok", flush=True)
     return 0
+
+
+def run_batch(out_json: str, parallel: int = 2, timeout: float = 240.0) -> int:
+    """Every 'without fix X' job and the 'all fixes, all scenarios' job, each in a forked child.
+
+    The parent imports the heavy, unpatched modules once (no fix applied in the parent), so
+    each child starts in milliseconds instead of re-importing Megatron-Core; each child then
+    applies its fixes and runs its scenario exactly as a fresh process would.
+    """
+    import json
+    import signal
+    import tempfile
+    import time
+    import traceback
+
+    import torch  # noqa: F401
+    import megatron.core.models.gpt.gpt_model  # noqa: F401
+    import megatron.core.optimizer  # noqa: F401
+    import megatron.core.distributed  # noqa: F401
+    import megatron.core.dist_checkpointing  # noqa: F401
+    import megatron.core.pipeline_parallel  # noqa: F401
+    import megatron.core.transformer.moe.token_dispatcher  # noqa: F401
+    import megatron.core.transformer.torch_norm  # noqa: F401
+
+    jobs = [(fix, ["--exclude", fix, scenario]) for fix, (scenario, _, _) in EXPECTED_ERRORS.items()]
+    jobs.append(("<all fixes>", ["all"]))
+    results, running = {}, {}
+    tmp = tempfile.mkdtemp(prefix="megatron_cpu_scenarios_")
+    while jobs or running:
+        while jobs and len(running) < parallel:
+            name, argv = jobs.pop(0)
+            path = os.path.join(tmp, f"job{len(results) + len(running)}.log")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:  # child
+                code = 1
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                    os.dup2(fd, 1)
+                    os.dup2(fd, 2)
+                    args = _parse(argv)
+                    code = _run_one(args.exclude, args.scenarios)
+                except BaseException:
+                    traceback.print_exc()
+                    code = 1
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            running[pid] = (name, path, time.monotonic())
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            for cpid, (name, path, t0) in list(running.items()):
+                if time.monotonic() - t0 > timeout:
+                    os.kill(cpid, signal.SIGKILL)
+            time.sleep(0.05)
+            continue
+        name, path, t0 = running.pop(pid)
+        with open(path, errors="replace") as f:
+            output = f.read()
+        results[name] = {"rc": os.waitstatus_to_exitcode(status), "output": output[-500000:],
+                         "seconds": round(time.monotonic() - t0, 2)}
+    with open(out_json, "w") as f:
+        json.dump(results, f, indent=1)
+    return 0
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--exclude", action="append", default=[])
+    parser.add_argument("--batch", help="run every job in forked children, results to this JSON")
+    parser.add_argument("scenarios", nargs="*")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    if args.batch:
+        return run_batch(args.batch)
+    return _run_one(args.exclude, args.scenarios)
 
 
 if __name__ == "__main__":
