@@ -46,6 +46,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from drpo_megatron.platform.torchvision_ops import define_torchvision_op_schemas
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -203,32 +205,12 @@ def fix_typing_override() -> None:
 
 @_fix
 def fix_torchvision_op_schemas() -> None:
-    """torchvision ``_C`` extension that fails to load on this CPU torch build.
-
-    ``import megatron.bridge`` imports ``transformers.modeling_utils`` which imports
-    torchvision; torchvision 0.28.0's ``_C.so`` does not load against torch 2.13.0+cpu and
-    ``torchvision/_meta_registrations.py`` then fails with
-    ``RuntimeError: operator torchvision::nms does not exist``.  Fix: define the two op
-    schemas it registers fake kernels for (``nms``, ``qnms``) when they are missing.  No
-    kernel is registered: calling the ops still raises.
-    """
-    if importlib.util.find_spec("torchvision") is None:
-        return
-    missing = []
-    for op in ("nms", "qnms"):
-        try:
-            torch._C._dispatch_find_schema_or_throw(f"torchvision::{op}", "")
-        except RuntimeError:
-            missing.append(op)
-    if not missing:
-        return
-    lib = torch.library.Library("torchvision", "FRAGMENT")
-    for op in missing:
-        lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _KEEP_ALIVE.append(lib)
+    """torchvision ``_C`` extension that fails to load on this CPU torch build
+    (``RuntimeError: operator torchvision::nms does not exist``, hit by ``import megatron.bridge``
+    via ``transformers.modeling_utils``); see :mod:`drpo_megatron.platform.torchvision_ops`."""
+    define_torchvision_op_schemas()
 
 
-_KEEP_ALIVE: List[Any] = []
 
 
 class _TEPlaceholder:

@@ -2,12 +2,8 @@
 
 Fixes (each pinned by a test in ``tests/platform/test_sglang_cpu.py`` showing it is still needed):
 
-1. ``torchvision_op_schemas``: the CPU torch 2.13.0 wheel and torchvision 0.28.0 from PyPI do not
-   share an ABI, so ``torchvision/_C.so`` does not load and ``torchvision/_meta_registrations.py``
-   fails with ``RuntimeError: operator torchvision::nms does not exist``.  transformers' image
-   utilities (imported by SGLang at start-up) import torchvision.  Defining the two op schemas
-   that module registers fake kernels for lets torchvision import; the ops themselves stay
-   unavailable (nothing in a text LLM server calls them).
+1. ``torchvision_op_schemas`` (:mod:`drpo_megatron.platform.torchvision_ops`): torchvision's
+   compiled ops do not load against the CPU torch wheel; SGLang imports it via transformers.
 2. ``sgl_kernel`` stand-in (``sglang_site/sgl_kernel``): see that module.
 
 Server flags that keep SGLang on pure-torch paths are in :data:`CPU_SERVER_ARGS`, its environment
@@ -20,6 +16,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from drpo_megatron.platform.torchvision_ops import define_torchvision_op_schemas  # noqa: F401
 
 SITE_DIR = Path(__file__).resolve().parent / "sglang_site"
 
@@ -40,35 +38,10 @@ CPU_SERVER_ENV: dict[str, str] = {
     "TRANSFORMERS_OFFLINE": "1",
 }
 
-_TORCHVISION_SCHEMAS = {
-    "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-    "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-}
-_LIB = None  # keeps the torch.library.Library alive for the process lifetime
 
 
 def needs_cpu_compat() -> bool:
     return not torch.cuda.is_available()
-
-
-def define_torchvision_op_schemas() -> bool:
-    """Define ``torchvision::nms`` / ``torchvision::qnms`` if torchvision's own library did not.
-
-    Returns True when schemas were defined, False when nothing was needed (CUDA machine, or the
-    ops already exist because torchvision's compiled library loaded).
-    """
-    global _LIB
-    if not needs_cpu_compat() or _LIB is not None:
-        return False
-    try:
-        torch.ops.torchvision.nms  # noqa: B018 - attribute access is the existence check
-        return False
-    except (AttributeError, RuntimeError):
-        pass
-    _LIB = torch.library.Library("torchvision", "DEF")  # noqa: TOR901
-    for schema in _TORCHVISION_SCHEMAS.values():
-        _LIB.define(schema)
-    return True
 
 
 def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
