@@ -3,7 +3,15 @@
 Built from :class:`ActorConfig`; holds the Megatron model chunks, the Megatron optimizer and the
 megatron-bridge handle (HF <-> Megatron names).  Log-probs are computed in fp32 from
 ``logits / temperature`` for response tokens only (SGLang returns log-probs of the tempered
-distribution).
+distribution): the model's ``output_processor`` hook hands us the final hidden states and the
+LM-head weight shard, and :func:`drpo_megatron.training.logprobs.vocab_parallel_logprobs`
+computes the log-probs of the response positions in token chunks (vocab-parallel, logits
+recomputed in backward), so the [tokens, vocab] logits are never materialised.
+
+Data parallelism: every rank receives the whole mini-batch; data-parallel rank r trains on the
+r-th contiguous slice (``len(samples)`` must be divisible by the DP size, so all DP/EP ranks run
+the same number of micro-batches).  Token and sequence counts are all-reduced over the DP group:
+the loss denominators are global.
 
 Loss scaling contract with Megatron's schedule and DDP: our per-micro-batch loss is already
 normalised by *global* denominators (all micro-batches and data-parallel ranks of one optimizer
@@ -50,6 +58,10 @@ class ActorConfig:
     temperature: float = 1.0
     micro_batch_size: int = 64
     seed: int = 1234
+    use_distributed_optimizer: bool = False
+    logprob_chunk_size: int = 1024
+    logprob_impl: str = "chunked"  # "chunked" (hidden states -> chunked log-probs) | "logits"
+    model_overrides: dict = field(default_factory=dict)  # Megatron provider fields, set last
 
 
 def _tp_group():
@@ -79,11 +91,14 @@ class MegatronActor:
         self.loss_cfg = make_loss_config(cfg.loss_name, cfg.loss_params)
         t0 = time.time()
         self.bridge, self.provider, self.model = mm.load_policy_from_hf(
-            cfg.hf_path, dtype=cfg.dtype, tp=cfg.tp, pp=cfg.pp, ep=cfg.ep, wrap_ddp=True)
+            cfg.hf_path, dtype=cfg.dtype, tp=cfg.tp, pp=cfg.pp, ep=cfg.ep, wrap_ddp=True,
+            use_distributed_optimizer=cfg.use_distributed_optimizer, seed=cfg.seed,
+            overrides=cfg.model_overrides or None)
         self.optimizer = mm.build_optimizer(
             self.model, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-            adam_betas=cfg.adam_betas, use_distributed_optimizer=False)
+            adam_betas=cfg.adam_betas, use_distributed_optimizer=cfg.use_distributed_optimizer)
         self._mm = mm
+        self._entropy: dict[int, torch.Tensor] = {}
         log.info("actor ready: %s, %.2fM params, %.1fs", cfg.loss_name,
                  sum(p.numel() for m in self.model for p in m.parameters()) / 1e6, time.time() - t0)
 
@@ -95,9 +110,41 @@ class MegatronActor:
         return get_model_config(self.model[0])
 
     def _forward_logp(self, model, mb: MicroBatch) -> torch.Tensor:
+        """[B, S] fp32 log-probs of the targets, 0 outside ``mb.loss_mask`` (last PP stage;
+        other stages return their hidden states for the next one)."""
         mask = causal_attention_mask(mb.tokens.shape[1])
-        logits = model(mb.tokens, mb.position_ids, mask)  # [B, S, V/tp]
-        return token_logprobs(logits, mb.targets, self.cfg.temperature)
+        if self.cfg.logprob_impl == "logits":
+            logits = model(mb.tokens, mb.position_ids, mask)  # [B, S, V/tp]
+            return token_logprobs(logits, mb.targets, self.cfg.temperature)
+
+        def processor(*, hidden_states, output_layer, output_weight, **_):
+            return self._response_logp(hidden_states, output_layer, output_weight, mb)
+
+        return model(mb.tokens, mb.position_ids, mask, output_processor=processor)
+
+    def _response_logp(self, hidden, output_layer, output_weight, mb: MicroBatch) -> torch.Tensor:
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel.mappings import (
+            copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region)
+
+        from drpo_megatron.training.logprobs import vocab_parallel_logprobs
+
+        weight = output_weight if output_weight is not None else output_layer.weight
+        tp_group = ps.get_tensor_model_parallel_group()
+        # Same input mapping as the ColumnParallelLinear LM head: its backward sums the hidden
+        # gradient over TP (reduce-scatter under sequence parallelism, all-reduce otherwise).
+        if getattr(output_layer, "sequence_parallel", False):
+            hidden = gather_from_sequence_parallel_region(hidden, group=tp_group)   # [S, B, H]
+        elif ps.get_tensor_model_parallel_world_size() > 1:
+            hidden = copy_to_tensor_model_parallel_region(hidden, group=tp_group)
+        sel = mb.loss_mask
+        h = hidden.transpose(0, 1)[sel]                                # [N, H], (b, s) order
+        logp, entropy = vocab_parallel_logprobs(
+            h, weight, mb.targets[sel], temperature=self.cfg.temperature,
+            chunk_size=self.cfg.logprob_chunk_size, group=tp_group, reduce_hidden_grad=False)
+        self._entropy[id(mb)] = entropy
+        out = torch.zeros(sel.shape, dtype=torch.float32, device=logp.device)
+        return out.masked_scatter(sel, logp)
 
     def _micro_batches(self, samples: Sequence[Sample], pad_id: int, first_seq_id: int = 0):
         width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
@@ -136,6 +183,7 @@ class MegatronActor:
             return logp, collect
 
         self._run(forward_step, mbs, width, forward_only=True)
+        self._entropy.clear()
         for m in self.model:
             m.train()
         return results
@@ -151,12 +199,23 @@ class MegatronActor:
         if anchor_logp is not None:
             samples = [Sample(**{**s.__dict__, "rollout_logp": a.tolist()})
                        for s, a in zip(samples, anchor_logp)]
-        mbs, width = self._micro_batches(samples, pad_id)
-        num_mb = len(mbs)
-        global_tokens = float(sum(mb.num_tokens for mb in mbs))
-        global_seqs = float(sum(mb.num_seqs for mb in mbs))
         dp = self._mm.data_parallel_world_size()
-        # TODO(issue 4): all-reduce global counts over DP ranks when DP > 1.
+        dp_rank = _dp_rank() if dp > 1 else 0
+        if len(samples) % dp:
+            raise ValueError(f"{len(samples)} samples do not split evenly over {dp} data-parallel "
+                             "ranks (prompts per mini-batch x samples per prompt must be a "
+                             "multiple of the DP size)")
+        per_rank = len(samples) // dp
+        width = _all_reduce_max(max(len(s.prompt_ids) + len(s.response_ids) for s in samples), dp)
+        first = dp_rank * per_rank
+        local = samples[first: first + per_rank]
+        mbs = [pack_samples(local[i: i + self.cfg.micro_batch_size], pad_id=pad_id, seq_len=width,
+                            first_seq_id=first + i)
+               for i in range(0, len(local), self.cfg.micro_batch_size)]
+        num_mb = len(mbs)
+        # global denominators: all micro-batches of all data-parallel ranks of this step
+        global_tokens, global_seqs = _all_reduce_sum(
+            [float(sum(mb.num_tokens for mb in mbs)), float(sum(mb.num_seqs for mb in mbs))], dp)
 
         def loss_func(mb: MicroBatch, logp_full: torch.Tensor):
             m = mb.loss_mask
@@ -169,6 +228,9 @@ class MegatronActor:
                                   global_num_tokens=global_tokens, global_num_seqs=global_seqs,
                                   horizon=self.cfg.horizon)
             report = {k: float(v) for k, v in metrics.items()}
+            ent = self._entropy.pop(id(mb), None)
+            if ent is not None and ent.numel():
+                report["loss/entropy"] = float(ent.mean())
             report["loss/policy_loss"] = float(loss.detach())  # summed over micro-batches below
             return loss * num_mb * dp, report
 
@@ -180,13 +242,26 @@ class MegatronActor:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         reports = self._run(forward_step, mbs, width, forward_only=False)
+        self._entropy.clear()
         ok, grad_norm, _ = self.optimizer.step()
         out = _merge_reports(reports)
+        # the step loss on every rank: sum over PP stages (only the last has it) and DP ranks
+        out["loss/policy_loss"] = _global_loss_sum(out.get("loss/policy_loss", 0.0))
         out["loss/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         out["loss/update_skipped"] = 0.0 if ok else 1.0
         return out
 
     # ------------------------------------------------------------------ weights out
+    def named_hf_tensors(self, precision: str = "bf16"):
+        """The current weights as a stream of ``(hf_name, full tensor)``, transformed for the
+        rollout ``precision`` (``weights.hf_export.precision_transform``).  Collective under model
+        parallelism: every rank must iterate it to the end (rank 0 sends)."""
+        from drpo_megatron.weights.hf_export import precision_transform
+
+        named = self._mm.export_hf_state_dict(self.bridge, self.model)
+        transform = precision_transform(precision)
+        return transform(named) if transform is not None else named
+
     def export_hf(self, out_dir: str | Path, precision: str = "bf16") -> Path:
         """Write the current weights as an HF checkpoint (safetensors + config + tokenizer),
         transformed for the rollout ``precision`` (see ``weights.hf_export``).  Collective under
@@ -204,6 +279,49 @@ class MegatronActor:
 
     def save_checkpoint(self, out_dir: str | Path, step: int) -> Path:
         return self._mm.save_megatron_checkpoint(self.model, self.optimizer, out_dir, step=step)
+
+
+def _dp_rank() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_rank()
+
+
+def _all_reduce_sum(values: list[float], dp: int) -> list[float]:
+    if dp == 1:
+        return values
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, group=ps.get_data_parallel_group())
+    return t.tolist()
+
+
+def _all_reduce_max(value: int, dp: int) -> int:
+    if dp == 1:
+        return value
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    t = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+    return int(t.item())
+
+
+def _global_loss_sum(local: float) -> float:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    from megatron.core import parallel_state as ps
+
+    t = torch.tensor([local], dtype=torch.float64)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(t, group=ps.get_pipeline_model_parallel_group())
+    if ps.get_data_parallel_world_size() > 1:
+        dist.all_reduce(t, group=ps.get_data_parallel_group())
+    return float(t.item())
 
 
 def _merge_reports(reports: list[dict[str, float]] | None) -> dict[str, float]:
