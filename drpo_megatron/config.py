@@ -57,6 +57,13 @@ class RolloutConfig:
     # Weights the server runs: bf16 | fp8_emulated (CPU stand-in for FP8 rollouts: 128x128
     # blockwise e4m3 quantize-dequantize at every sync) | fp8 (real FP8 checkpoint; GPU servers).
     precision: str = "bf16"
+    # tensor / distributed transports: the weights travel in buckets of at most this many MiB
+    weight_bucket_mb: float = 512.0
+    # After every push, compare a probe prompt's greedy tokens and log-probs from each server with
+    # the trainer's own forward; raise on a gap above verify_sync_atol (None: per-precision default,
+    # see drpo_megatron.rollout.verify).  On in tests, off by default (one extra forward per sync).
+    verify_sync: bool = False
+    verify_sync_atol: float | None = None
     server: ServerConfig = field(default_factory=ServerConfig)
 
 
@@ -264,6 +271,10 @@ def validate(cfg: RunConfig) -> None:
 
     if r.precision not in ROLLOUT_PRECISIONS:
         raise ConfigError(f"rollout.precision={r.precision!r}: choose one of {list(ROLLOUT_PRECISIONS)}")
+    positive("rollout.weight_bucket_mb", r.weight_bucket_mb, float)
+    if r.verify_sync_atol is not None and r.verify_sync_atol <= 0:
+        raise ConfigError(f"rollout.verify_sync_atol={r.verify_sync_atol} must be > 0 (or null for "
+                          "the per-precision default)")
     if r.precision == "fp8" and not torch_cuda_available():
         raise ConfigError("rollout.precision='fp8' needs SGLang's FP8 kernels (a CUDA GPU); on CPU "
                           "use 'fp8_emulated', which carries the same weight error")

@@ -231,3 +231,72 @@ class SGLangServer:
 
     def weight_version(self) -> str:
         return str(self.model_info().get("weight_version"))
+
+    def server_info(self) -> dict:
+        self.check_alive()
+        try:
+            r = self._session.get(self.url + "/server_info", timeout=30)
+            r.raise_for_status()
+            return r.json()
+        except (requests.RequestException, ValueError) as e:
+            raise ServerError(f"{self.name}: /server_info failed: {e}; see {self.log_path}") from e
+
+    def tp_size(self) -> int:
+        info = self.server_info()
+        return int(info.get("tp_size", 1) or 1)
+
+    # ------------------------------------------------------------------ in-place weight updates
+    def _checked(self, path: str, payload: dict[str, Any], what: str,
+                 timeout_s: float | None = None) -> dict:
+        res = self._post(path, payload, timeout_s or self.cfg.weight_update_timeout_s, what)
+        if not isinstance(res, dict) or not res.get("success", False):
+            msg = res.get("message") if isinstance(res, dict) else res
+            raise ServerError(f"{self.name}: {what} failed: {msg}; see {self.log_path}")
+        return res
+
+    def begin_weight_update(self) -> None:
+        """Open SGLang's weight-update session (required around tensor/distributed updates)."""
+        self._checked("/begin_weight_update", {}, "begin_weight_update")
+
+    def end_weight_update(self) -> None:
+        self._checked("/end_weight_update", {}, "end_weight_update")
+
+    def update_weights_from_tensor(self, serialized: list[str], *, load_format: str | None = None,
+                                   flush_cache: bool = False) -> dict:
+        """``/update_weights_from_tensor``: ``serialized`` holds one base64 string per server TP
+        rank, each a ``ForkingPickler`` dump of ``[(hf_name, tensor), ...]``."""
+        payload: dict[str, Any] = {"serialized_named_tensors": serialized, "flush_cache": flush_cache,
+                                   "abort_all_requests": False}
+        if load_format is not None:
+            payload["load_format"] = load_format
+        return self._checked("/update_weights_from_tensor", payload, "update_weights_from_tensor")
+
+    def init_weights_update_group(self, *, master_address: str, master_port: int, rank_offset: int,
+                                  world_size: int, group_name: str, backend: str,
+                                  timeout_s: float | None = None) -> dict:
+        return self._checked("/init_weights_update_group",
+                             {"master_address": master_address, "master_port": master_port,
+                              "rank_offset": rank_offset, "world_size": world_size,
+                              "group_name": group_name, "backend": backend},
+                             "init_weights_update_group", timeout_s)
+
+    def destroy_weights_update_group(self, group_name: str) -> None:
+        self._checked("/destroy_weights_update_group", {"group_name": group_name},
+                      "destroy_weights_update_group")
+
+    def update_weights_from_distributed(self, names: list[str], dtypes: list[str],
+                                        shapes: list[list[int]], *, group_name: str,
+                                        flush_cache: bool = False) -> dict:
+        """Receive one broadcast bucket from rank 0 of the update group (blocks until the trainer
+        has broadcast every tensor of the bucket, in this order)."""
+        return self._checked("/update_weights_from_distributed",
+                             {"names": names, "dtypes": dtypes, "shapes": shapes,
+                              "group_name": group_name, "flush_cache": flush_cache,
+                              "abort_all_requests": False},
+                             "update_weights_from_distributed")
+
+    def pause_generation(self) -> None:
+        self._post("/pause_generation", {}, self.cfg.request_timeout_s, "pause_generation")
+
+    def continue_generation(self) -> None:
+        self._post("/continue_generation", {}, self.cfg.request_timeout_s, "continue_generation")
