@@ -49,7 +49,20 @@ def _dashboard(argv: list[str]) -> int:
     return dashboard.main(argv)
 
 
+def _convert(argv: list[str]) -> int:
+    from drpo_megatron.convert.checkpoint import main as convert_main
+
+    return convert_main(argv)
+
+
+def _plan(argv: list[str]) -> int:
+    from drpo_megatron.operate.plan import main as plan_main
+
+    return plan_main(argv)
+
+
 COMMANDS = {"train": _train, "dashboard": _dashboard}
+COMMANDS.update(convert=_convert, plan=_plan)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,71 @@ class ModelConfig:
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     # Training precision of the Megatron policy: fp32 or bf16 (FP8 is a GPU feature).
     dtype: str = "fp32"
+    # FP8 training through Transformer Engine (GPU only): "" (off) or "blockwise" (128x128
+    # blocks, FP32 scales: NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1, fp8 params off; router,
+    # embeddings, LM head and norms stay in model.dtype, which must then be bf16).
+    fp8: str = ""
+    # Architecture numbers for `drpo plan` (HF config.json names). Zeros: read from
+    # hf_path/config.json when that directory exists.
+    arch: ArchConfig = field(default_factory=lambda: ArchConfig())
+
+
+@dataclass
+class ArchConfig:
+    """HF config.json field meanings (Qwen2 / Qwen3 / Qwen3-MoE / Qwen3.5-MoE)."""
+
+    architecture: str = ""
+    hidden_size: int = 0
+    num_hidden_layers: int = 0
+    num_attention_heads: int = 0
+    num_key_value_heads: int = 0
+    head_dim: int = 0
+    vocab_size: int = 0
+    intermediate_size: int = 0
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    tie_word_embeddings: bool = False
+    # Qwen3.5 hybrid: every full_attention_interval-th layer is full attention, the others
+    # Gated DeltaNet (planned with linear_* head numbers). 1 = every layer full attention.
+    full_attention_interval: int = 1
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+
+
+@dataclass
+class ParallelConfig:
+    """Cluster layout of one run.  The trainer world is ``num_nodes * gpus_per_node`` ranks
+    (``dp = world / (tp * pp)``, derived); rollout servers run on ``rollout_nodes`` extra nodes
+    (0 = colocated on the trainer nodes)."""
+
+    # "auto": this machine; "cuda": the config targets GPU nodes, so device-dependent checks
+    # (CUDA present, hf_path exists, FP8) are deferred to run time on those nodes.
+    device: str = "auto"
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int | None = None  # expert tensor parallel; None = Megatron's default (tp)
+    sequence_parallel: bool | None = None  # None: on when tp > 1
+    num_nodes: int = 1
+    gpus_per_node: int = 1
+    rollout_nodes: int = 0
+    rollout_tp: int = 1  # SGLang tensor parallel size of one server
+    micro_batch_size: int = 1  # sequences per training micro-batch (per DP rank)
+    recompute: str = "none"  # activation recomputation: none | selective | full
+    use_distributed_optimizer: bool = True
+    gpu_memory_gb: float = 80.0  # per-GPU memory `drpo plan` fits into
+
+    @property
+    def world_size(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp)
 
 
 @dataclass
@@ -44,6 +109,12 @@ class TaskConfig:
     num_eval: int = 40
     max_operand: int = 9
     seed: int = 0
+    # kind "math" (GPU recipe): jsonl files {prompt, answer} from tools/prepare_math_data.py;
+    # checked at run time on the nodes. Prompts longer than max_prompt_tokens are dropped
+    # (0 = no limit).
+    train_file: str = ""
+    eval_files: list = field(default_factory=list)
+    max_prompt_tokens: int = 0
 
 
 @dataclass
@@ -89,6 +160,7 @@ class OptimConfig:
     adam_beta2: float = 0.999
     # Optimizer steps per rollout step: the rollout batch is split into this many mini-batches.
     updates_per_rollout: int = 2
+    lr_schedule: str = "constant"  # the paper's recipe; the only schedule implemented
 
 
 @dataclass
@@ -115,6 +187,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -241,7 +314,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.model.dtype not in ("fp32", "bf16"):
         raise ConfigError(f"model.dtype={cfg.model.dtype!r}: choose 'fp32' or 'bf16' (FP8 training "
                           "is set in the GPU model configs and needs Transformer Engine)")
-    if cfg.model.hf_path and not Path(cfg.model.hf_path).expanduser().is_dir():
+    validate_parallel(cfg)
+    gpu_target = cfg.parallel.device == "cuda"
+    if cfg.model.hf_path and not gpu_target and not Path(cfg.model.hf_path).expanduser().is_dir():
         raise ConfigError(f"model.hf_path={cfg.model.hf_path!r}: directory not found; point it at an "
                           "HF checkpoint or leave it empty for the embedded tiny policy")
     total = 2 * (cfg.task.max_operand + 1) ** 2
@@ -250,8 +325,21 @@ def validate(cfg: RunConfig) -> None:
             f"task.num_train + task.num_eval = {cfg.task.num_train + cfg.task.num_eval} exceeds the "
             f"{total} distinct problems with task.max_operand={cfg.task.max_operand}; lower them "
             "or raise max_operand")
-    if cfg.task.kind != "arithmetic":
-        raise ConfigError(f"task.kind={cfg.task.kind!r}: only 'arithmetic' is built in")
+    if cfg.task.kind == "math":
+        if not cfg.task.train_file:
+            raise ConfigError("task.train_file='': task.kind='math' needs a jsonl {prompt, answer} "
+                              "file; make one with tools/prepare_math_data.py")
+        if not gpu_target:
+            raise ConfigError("task.kind='math' is the GPU recipe's dataset (set parallel.device: "
+                              "cuda); the CPU trainer runs task.kind='arithmetic'")
+    elif cfg.task.kind != "arithmetic":
+        raise ConfigError(f"task.kind={cfg.task.kind!r}: choose 'arithmetic' (built in) or 'math' "
+                          "(jsonl from tools/prepare_math_data.py, GPU configs)")
+    if cfg.task.max_prompt_tokens < 0:
+        raise ConfigError(f"task.max_prompt_tokens={cfg.task.max_prompt_tokens} must be >= 0 (0 = no limit)")
+    if cfg.optim.lr_schedule != "constant":
+        raise ConfigError(f"optim.lr_schedule={cfg.optim.lr_schedule!r}: only 'constant' is "
+                          "implemented (the paper's recipe)")
     from drpo_megatron.algorithms import AGGREGATION_MODES, ADVANTAGE_ESTIMATORS, make_loss_config
 
     try:
@@ -275,7 +363,7 @@ def validate(cfg: RunConfig) -> None:
     if r.verify_sync_atol is not None and r.verify_sync_atol <= 0:
         raise ConfigError(f"rollout.verify_sync_atol={r.verify_sync_atol} must be > 0 (or null for "
                           "the per-precision default)")
-    if r.precision == "fp8" and not torch_cuda_available():
+    if r.precision == "fp8" and not gpu_target and not torch_cuda_available():
         raise ConfigError("rollout.precision='fp8' needs SGLang's FP8 kernels (a CUDA GPU); on CPU "
                           "use 'fp8_emulated', which carries the same weight error")
     from drpo_megatron.mismatch.writers import WRITERS
@@ -288,3 +376,51 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"loss.horizon={l.horizon} is below rollout.max_new_tokens={r.max_new_tokens}: the "
             "constant horizon must be at least the longest response")
+
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+FP8_TRAINING_MODES = ("", "blockwise")
+
+
+def validate_parallel(cfg: RunConfig) -> None:
+    """Layout and FP8-training checks that need no process (``drpo plan`` adds the
+    architecture-dependent ones: heads by TP, experts by EP, layers by PP, memory)."""
+    par = cfg.parallel
+    if par.device not in ("auto", "cuda"):
+        raise ConfigError(f"parallel.device={par.device!r}: choose 'auto' (this machine) or 'cuda' "
+                          "(a GPU-cluster config; device checks deferred to run time)")
+    for name in ("tp", "pp", "ep", "num_nodes", "gpus_per_node", "rollout_tp", "micro_batch_size"):
+        v = getattr(par, name)
+        if v < 1:
+            raise ConfigError(f"parallel.{name}={v} must be >= 1")
+    if par.etp is not None and par.etp < 1:
+        raise ConfigError(f"parallel.etp={par.etp} must be >= 1 (or null for the default, tp)")
+    if par.rollout_nodes < 0:
+        raise ConfigError(f"parallel.rollout_nodes={par.rollout_nodes} must be >= 0 (0 = rollout "
+                          "servers colocated on the trainer nodes)")
+    if par.gpu_memory_gb <= 0:
+        raise ConfigError(f"parallel.gpu_memory_gb={par.gpu_memory_gb} must be > 0 (e.g. 80 for H100)")
+    if par.recompute not in RECOMPUTE_MODES:
+        raise ConfigError(f"parallel.recompute={par.recompute!r}: choose one of {list(RECOMPUTE_MODES)}")
+    world = par.world_size
+    if world % (par.tp * par.pp):
+        raise ConfigError(
+            f"parallel: world size num_nodes*gpus_per_node={world} is not divisible by tp*pp="
+            f"{par.tp * par.pp}; change parallel.tp/pp or the node count")
+    etp = par.tp if par.etp is None else par.etp
+    if world % (par.pp * par.ep * etp):
+        raise ConfigError(
+            f"parallel: world size {world} is not divisible by pp*ep*etp={par.pp * par.ep * etp}; "
+            "lower parallel.ep (or etp) or add nodes")
+    if par.sequence_parallel and par.tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1; set it to null or false")
+    if cfg.model.fp8 not in FP8_TRAINING_MODES:
+        raise ConfigError(f"model.fp8={cfg.model.fp8!r}: choose '' (off) or 'blockwise' (TE "
+                          "128x128 blockwise FP8 training)")
+    if cfg.model.fp8:
+        if cfg.model.dtype != "bf16":
+            raise ConfigError(f"model.fp8={cfg.model.fp8!r} with model.dtype={cfg.model.dtype!r}: "
+                              "FP8 training keeps bf16 weights; set model.dtype: bf16")
+        if par.device != "cuda" and not torch_cuda_available():
+            raise ConfigError(f"model.fp8={cfg.model.fp8!r} needs Transformer Engine on a CUDA GPU; "
+                              "set parallel.device: cuda for a cluster config or model.fp8: ''")

@@ -1,0 +1,1 @@
+"""Operating on clusters: memory/layout planning (``drpo plan``) and SLURM submission."""
