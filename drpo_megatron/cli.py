@@ -62,7 +62,13 @@ def _plan(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": _train, "dashboard": _dashboard}
-COMMANDS.update(convert=_convert, plan=_plan)
+def _submit(argv: list[str]) -> int:
+    from drpo_megatron.operate.submit import main as submit_main
+
+    return submit_main(argv)
+
+
+COMMANDS.update(convert=_convert, plan=_plan, submit=_submit)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -405,13 +405,13 @@ def validate_parallel(cfg: RunConfig) -> None:
     world = par.world_size
     if world % (par.tp * par.pp):
         raise ConfigError(
-            f"parallel: world size num_nodes*gpus_per_node={world} is not divisible by tp*pp="
-            f"{par.tp * par.pp}; change parallel.tp/pp or the node count")
+            f"parallel.tp={par.tp}, parallel.pp={par.pp}: world size num_nodes*gpus_per_node={world} "
+            f"is not divisible by tp*pp={par.tp * par.pp}; change tp/pp or the node count")
     etp = par.tp if par.etp is None else par.etp
     if world % (par.pp * par.ep * etp):
         raise ConfigError(
-            f"parallel: world size {world} is not divisible by pp*ep*etp={par.pp * par.ep * etp}; "
-            "lower parallel.ep (or etp) or add nodes")
+            f"parallel.ep={par.ep}: world size {world} is not divisible by pp*ep*etp="
+            f"{par.pp * par.ep * etp}; use an ep (or etp) that divides it, or add nodes")
     if par.sequence_parallel and par.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1; set it to null or false")
     if cfg.model.fp8 not in FP8_TRAINING_MODES:

@@ -1,0 +1,104 @@
+"""``drpo submit --dry-run``: rendered sbatch scripts for several layouts equal the reviewed
+golden files (tests/operate/golden; regenerate with DRPO_UPDATE_GOLDEN=1 and review the diff),
+are valid bash, and bad layouts are refused before anything is written."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from drpo_megatron.config import load_config
+from drpo_megatron.operate.submit import main, render
+
+GOLDEN = Path(__file__).parent / "golden"
+CASES = {  # golden name: (config, trainer nodes, rollout nodes)
+    "qwen3_30b_a3b_fp8_e2e_2+2": ("model_configs/qwen3_30b_a3b_base_fp8_e2e.yaml", 2, 2),
+    "qwen3_4b_bf16_1+1": ("model_configs/qwen3_4b_base_bf16.yaml", 1, 1),
+    "r1_distill_1_5b_colocated_1": ("model_configs/deepseek_r1_distill_qwen_1_5b_bf16.yaml", 1, 0),
+}
+
+
+def _render(name):
+    path, nodes, rnodes = CASES[name]
+    cfg = load_config(path, {"parallel": {"num_nodes": nodes, "rollout_nodes": rnodes}})
+    return render(cfg, nodes=nodes, rollout_nodes=rnodes, repo="/opt/drpo-megatron",
+                  resolved_config="/runs/job/submit/config.yaml", log_root="/runs/job/slurm-logs",
+                  python="/opt/venv/bin/python")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_rendered_script_matches_golden(name, tmp_path):
+    text = _render(name)
+    golden = GOLDEN / f"{name}.sbatch"
+    if os.environ.get("DRPO_UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text(), f"rendered {name} differs from {golden}"
+    script = tmp_path / "s.sbatch"
+    script.write_text(text)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert "{{" not in text
+
+
+def test_layout_specific_lines():
+    d = _render("qwen3_30b_a3b_fp8_e2e_2+2")
+    assert "#SBATCH --nodes=4" in d and "--nnodes=2 --nproc-per-node=8" in d
+    assert "NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1" in d and "--quantization fp8" in d
+    assert "drpo_wait_router \"$DRPO_ROUTER_URL\" 4 1800" in d   # 2 nodes x 2 TP4 servers
+    assert "#SBATCH --signal=B:USR1@900" in d and "#SBATCH --requeue" in d
+    c = _render("r1_distill_1_5b_colocated_1")
+    assert "COLOCATED" in c and "sglang_router" not in c and "#SBATCH --nodes=1" in c
+    assert "NVTE_FP8" not in c and "--quantization" not in c
+
+
+def test_common_sh_is_valid_bash_and_sets_nccl():
+    common = Path("slurm/common.sh")
+    assert subprocess.run(["bash", "-n", str(common)]).returncode == 0
+    text = common.read_text()
+    for var in ("NCCL_DEBUG", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "CUDA_DEVICE_MAX_CONNECTIONS",
+                "NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "scontrol requeue"):
+        assert var in text
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash")
+def test_signal_handler_requeues_after_trainer_exits(tmp_path):
+    # drive drpo_on_signal with a fake trainer and a fake scontrol on PATH
+    (tmp_path / "scontrol").write_text("#!/bin/bash\necho \"scontrol $*\" >> \"$LOG\"\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    script = f"""
+source slurm/common.sh
+export LOG={tmp_path}/calls DRPO_STOP_FILE={tmp_path}/STOP DRPO_CKPT_GRACE_S=30 SLURM_JOB_ID=42
+( trap 'echo ckpt >> $LOG; exit 0' USR1; while true; do sleep 0.2; done ) &
+DRPO_TRAIN_PID=$!
+sleep 0.5
+drpo_on_signal USR1
+"""
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}")
+    p = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls == ["ckpt", "scontrol requeue 42"] and (tmp_path / "STOP").exists()
+
+
+def test_cli_dry_run_writes_script_and_resolved_config(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(Path("model_configs/qwen3_4b_base_bf16.yaml").read_text().replace(
+        "output_dir: runs/qwen3-4b-base-bf16-drpo", f"output_dir: {tmp_path}/run"))
+    assert main([str(cfg), "--nodes", "2", "--rollout-nodes", "1", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --nodes=3" in out
+    resolved = load_config(tmp_path / "run" / "submit" / "config.yaml")
+    assert resolved.parallel.num_nodes == 2 and resolved.parallel.rollout_nodes == 1
+    assert "#SBATCH --nodes=3" in (tmp_path / "run" / "submit" / "qwen3-4b-base-bf16-drpo.sbatch").read_text()
+
+
+def test_cli_refuses_bad_layout_without_writing(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(Path("model_configs/qwen3_30b_a3b_base_bf16.yaml").read_text().replace(
+        "output_dir: runs/qwen3-30b-a3b-base-bf16-drpo", f"output_dir: {tmp_path}/run").replace(
+        "ep: 8", "ep: 6"))
+    assert main([str(cfg), "--nodes", "2", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "parallel.ep=6" in err[0]
+    assert not (tmp_path / "run").exists()
