@@ -58,6 +58,9 @@ __all__ = [
     "build_optimizer",
     "save_megatron_checkpoint",
     "load_megatron_checkpoint",
+    "find_checkpoint",
+    "load_trainer_state",
+    "rng_states",
     "causal_attention_mask",
     "capture_final_hidden",
     "unwrap_model",
@@ -461,8 +464,16 @@ def save_megatron_checkpoint(
     out_dir: str | os.PathLike,
     *,
     step: int = 0,
+    extra_state: Optional[Dict[str, Any]] = None,
 ) -> Path:
     """Save model (+ optimizer when given) with ``dist_checkpointing`` (torch_dist format).
+
+    ``extra_state``: a picklable dict (trainer state: data cursor, RNG states ...) that rank 0
+    writes as ``trainer_state.pt`` into the same directory before it becomes visible; each rank
+    also writes its own RNG states (``rng_rank<R>.pt``, see :func:`rng_states`).  The directory
+    appears atomically: written as ``<out_dir>.tmp``, the previous checkpoint is moved to
+    ``<out_dir>.old`` and the new one renamed into place (a kill at any point leaves a complete
+    checkpoint at ``out_dir`` or ``out_dir.old``; :func:`find_checkpoint` picks it).
 
     Collective.  The optimizer state is saved ``fully_reshardable``: the checkpoint loads
     under another TP/PP/DP layout.  (Megatron keeps expert params in a separate chained
@@ -486,15 +497,82 @@ def save_megatron_checkpoint(
             state, metadata=_OPTIM_CKPT_METADATA)
     state["step"] = step
     dist_checkpointing.save(state, str(tmp))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.save(rng_states(), tmp / f"rng_rank{rank}.pt")
+    if rank0 and extra_state is not None:
+        torch.save(dict(extra_state, step=step), tmp / "trainer_state.pt")
     if dist.is_initialized():
         dist.barrier()
     if rank0:
+        old = out.with_name(out.name + ".old")
         if out.exists():
-            shutil.rmtree(out)
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(out, old)
         os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
     return out
+
+
+def find_checkpoint(ckpt_dir: str | os.PathLike) -> Optional[Path]:
+    """The complete checkpoint at ``ckpt_dir`` (or its ``.old`` copy left by a save that was
+    killed between the two renames), None when there is none."""
+    out = Path(ckpt_dir).resolve()
+    for cand in (out, out.with_name(out.name + ".old")):
+        if (cand / "metadata.json").exists():
+            return cand
+    return None
+
+
+def rng_states() -> Dict[str, Any]:
+    """Every RNG a training step may draw from on this rank (python, numpy, torch CPU/CUDA and
+    Megatron's model-parallel tracker)."""
+    import random
+
+    import numpy as np
+
+    states: Dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                              "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        states["tracker"] = get_cuda_rng_tracker().get_states()
+    except Exception:  # tracker not initialised: nothing to restore
+        pass
+    return states
+
+
+def set_rng_states(states: Dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if "tracker" in states:
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        get_cuda_rng_tracker().set_states(states["tracker"])
+
+
+def load_trainer_state(ckpt_dir: str | os.PathLike) -> Dict[str, Any]:
+    """This rank's RNG states restored, and the ``extra_state`` saved with the checkpoint
+    (``{}`` when none was saved)."""
+    import torch.distributed as dist
+
+    d = Path(ckpt_dir)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng = d / f"rng_rank{rank}.pt"
+    if rng.exists():
+        set_rng_states(torch.load(rng, weights_only=False))
+    extra = d / "trainer_state.pt"
+    return torch.load(extra, weights_only=False) if extra.exists() else {}
 
 
 def load_megatron_checkpoint(

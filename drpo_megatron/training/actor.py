@@ -277,8 +277,18 @@ class MegatronActor:
             dist.barrier()
         return path
 
-    def save_checkpoint(self, out_dir: str | Path, step: int) -> Path:
-        return self._mm.save_megatron_checkpoint(self.model, self.optimizer, out_dir, step=step)
+    def save_checkpoint(self, out_dir: str | Path, step: int,
+                        extra_state: dict[str, Any] | None = None) -> Path:
+        """Model + optimizer + RNG states (+ ``extra_state``: the trainer's data cursor ...),
+        written atomically with dist_checkpointing (collective)."""
+        return self._mm.save_megatron_checkpoint(self.model, self.optimizer, out_dir, step=step,
+                                                 extra_state=extra_state)
+
+    def load_checkpoint(self, ckpt_dir: str | Path) -> tuple[int, dict[str, Any]]:
+        """Load a :meth:`save_checkpoint` directory (any parallel layout) into the model and
+        optimizer and restore this rank's RNG states; returns ``(step, extra_state)``."""
+        step = self._mm.load_megatron_checkpoint(self.model, self.optimizer, ckpt_dir)
+        return step, self._mm.load_trainer_state(ckpt_dir)
 
 
 def _dp_rank() -> int:

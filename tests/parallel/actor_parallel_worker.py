@@ -98,5 +98,39 @@ def _reload(actor, hf_dir, lay):
     return MegatronActor(cfg)
 
 
+def resume(hf_dir: str, out: str) -> None:
+    """One process: 1 step, save (+ trainer state), 2 steps; a fresh actor loads the checkpoint
+    and runs the same 2 steps: losses / grad norms / trainer state must match."""
+    import torch
+
+    from drpo_megatron.models import megatron_model as mm
+    from drpo_megatron.training.actor import ActorConfig, MegatronActor
+
+    mm.init_distributed(timeout_s=120)
+    cfg = ActorConfig(hf_path=hf_dir, dtype="fp32", lr=1e-3, weight_decay=0.01, loss_name="drpo",
+                      horizon=16, micro_batch_size=MICRO, model_overrides={"moe_aux_loss_coeff": 0.0})
+    actor = MegatronActor(cfg)
+    samples = make_samples()
+    actor.train_step(samples, pad_id=0)
+    ck = os.path.join(os.path.dirname(os.path.abspath(out)), "ckpt")
+    actor.save_checkpoint(ck, step=1, extra_state={"cursor": 5, "order": [3, 1, 2]})
+    rng_after_save = torch.rand(3).tolist()
+    cont = [actor.train_step(samples, pad_id=0) for _ in range(2)]
+    actor2 = MegatronActor(cfg)
+    step, extra = actor2.load_checkpoint(mm.find_checkpoint(ck))
+    rng_after_load = torch.rand(3).tolist()
+    res = [actor2.train_step(samples, pad_id=0) for _ in range(2)]
+    with open(out, "w") as fh:
+        json.dump({"step": step, "extra": extra,
+                   "rng_equal": rng_after_save == rng_after_load,
+                   "continued": [[m["loss/policy_loss"], m["loss/grad_norm"]] for m in cont],
+                   "resumed": [[m["loss/policy_loss"], m["loss/grad_norm"]] for m in res],
+                   "files": sorted(os.listdir(ck))}, fh)
+    mm.destroy_distributed()
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    if sys.argv[1] == "resume":
+        resume(*sys.argv[2:4])
+    else:
+        main(*sys.argv[1:4])
