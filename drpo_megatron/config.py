@@ -217,7 +217,8 @@ def _coerce(path: str, value: Any, tp) -> Any:
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}={value!r}: expected an integer")
+            raise ConfigError(f"{path}={value!r}: expected an integer; write e.g. "
+                              f"{path.split('.')[-1]}: 1")
         return value
     if tp is bool:
         if not isinstance(value, bool):
@@ -339,7 +340,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"task.max_prompt_tokens={cfg.task.max_prompt_tokens} must be >= 0 (0 = no limit)")
     if cfg.optim.lr_schedule != "constant":
         raise ConfigError(f"optim.lr_schedule={cfg.optim.lr_schedule!r}: only 'constant' is "
-                          "implemented (the paper's recipe)")
+                          "implemented (the paper's recipe); set optim.lr_schedule: constant")
     from drpo_megatron.algorithms import AGGREGATION_MODES, ADVANTAGE_ESTIMATORS, make_loss_config
 
     try:

@@ -102,7 +102,7 @@ def check_architecture(cfg: dict, option: str = "--hf") -> str:
             return a
     supported = ", ".join(ARCHITECTURES)
     raise ConvertError(f"{option}: architectures={archs!r} (model_type={cfg.get('model_type')!r}) "
-                       f"is not supported; supported: {supported}")
+                       f"is not supported; use a checkpoint of a supported architecture: {supported}")
 
 
 def _cuda() -> bool:
