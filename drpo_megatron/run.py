@@ -263,7 +263,16 @@ def build_components(cfg: RunConfig) -> Components:
     log.info("MFU is relative to %s peak %.3g FLOP/s", device, peak)
     writers = build_writers(cfg.logging.writers, run_dir)
     transport = build_transport(cfg.rollout.weight_transport, actor, [server], run_dir / "weights",
-                                precision=cfg.rollout.precision)
+                                precision=cfg.rollout.precision,
+                                bucket_mb=cfg.rollout.weight_bucket_mb)
+    if cfg.rollout.verify_sync:
+        from drpo_megatron.models.tiny import prompt_ids
+        from drpo_megatron.rollout.verify import DEFAULT_ATOL, VerifiedTransport, actor_reference
+
+        transport = VerifiedTransport(
+            transport, [server], prompt_ids(tokenizer, eval_set[0].prompt_text),
+            actor_reference(actor, tokenizer.pad_token_id),
+            atol=cfg.rollout.verify_sync_atol or DEFAULT_ATOL[cfg.rollout.precision])
     if cfg.rollout.precision != "bf16":
         transport.push(version=0)  # the server loaded unquantized weights: send version 0 as FP8
     return Components(cfg=cfg, run_dir=run_dir, tokenizer=tokenizer, train_set=train_set,

@@ -1,19 +1,23 @@
 """Post-sync equality check: after a weight push, every server must serve the trainer's policy.
 
 A fixed probe prompt is decoded greedily by every server (``temperature 0``: SGLang then returns
-log-probs of the untempered logits); the trainer recomputes the log-probs of the same tokens with
-its own forward at temperature 1.  The check fails loudly, naming the server, the weight version
+log-probs of the untempered logits) and sampled a few times at temperature 1 with a fixed seed
+(off the greedy path log-probs are far from 0, so a weight difference shows even on a confident
+model); the trainer recomputes the log-probs of the same tokens with its own forward at
+temperature 1.  The check fails loudly, naming the server, the weight version
 and the largest per-token gap, when
 
 * two servers decode different greedy tokens (their weights differ), or
 * ``max_t |log p_server(y_t) - log p_trainer(y_t)| > atol``.
 
-Tolerances (``DEFAULT_ATOL``): the server runs in bf16, the trainer in fp32.  Measured on the tiny
-Qwen3-MoE (tests/rollout/test_transport_e2e.py): bf16 gaps are a few 1e-3 up to ~1e-2 (bf16 has
-8 mantissa bits; logits of size ~10 carry ~0.04 absolute rounding), so 0.1 catches a wrong or
-partial update (which moves log-probs by O(1)) with a wide margin.  ``fp8_emulated`` / ``fp8``
-serve 128x128 blockwise e4m3 weights (relative weight error up to 2**-4) while the trainer keeps
-the unquantized weights: 0.5.
+Tolerances (``DEFAULT_ATOL``, ``rollout.verify_sync_atol`` overrides): the server runs in bf16,
+the trainer in fp32.  Measured (tests/rollout/): the trained tiny Qwen3-MoE vs the Megatron actor,
+max gap 1e-4..4e-4 (bf16 and fp8_emulated, a confident model); a randomly perturbed tiny model vs
+an fp32 HF forward of the pushed weights, up to 0.03 on greedy and 0.07 on sampled probe tokens
+(bf16 carries 8 mantissa bits: logits of size ~10 round by ~0.04).  A stale or partial update
+moves log-probs by O(1).  Defaults: bf16 0.15; ``fp8_emulated`` / ``fp8`` 0.5 (the server holds
+128x128 blockwise e4m3 weights, relative weight error up to 2**-4, while the trainer keeps the
+unquantized ones).
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from drpo_megatron.rollout.server import SGLangServer, ServerError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ATOL = {"bf16": 0.1, "fp8_emulated": 0.5, "fp8": 0.5}
+DEFAULT_ATOL = {"bf16": 0.15, "fp8_emulated": 0.5, "fp8": 0.5}
 PROBE_MAX_NEW_TOKENS = 8
+PROBE_SAMPLES = 4
+PROBE_SEED = 1234
 
 
 class WeightSyncMismatch(ServerError):
@@ -48,15 +54,32 @@ def probe_server(server: SGLangServer, probe_ids: list[int],
                         server_name=server.name)
 
 
+def probe_server_sampled(server: SGLangServer, probe_ids: list[int], n: int = PROBE_SAMPLES,
+                         max_new_tokens: int = PROBE_MAX_NEW_TOKENS, seed: int = PROBE_SEED
+                         ) -> list[Sample]:
+    """``n`` seeded samples at temperature 1: tokens off the greedy path, where log-probs are
+    far from 0 and a weight difference shows (a confident model's greedy log-probs are ~0)."""
+    outs = server.generate([list(probe_ids)], {"n": n, "temperature": 1.0, "top_p": 1.0,
+                                               "max_new_tokens": max_new_tokens,
+                                               "sampling_seed": seed}, return_logprob=True)
+    if len(outs) != n:
+        raise ServerError(f"{server.name}: probe /generate returned {len(outs)} outputs, expected {n}")
+    return [parse_sample(o, group_id=0, prompt_ids=probe_ids, answer="", server_name=server.name)
+            for o in outs]
+
+
 def verify_sync(servers: Sequence[SGLangServer], version: int, probe_ids: list[int],
                 reference_logprobs: Callable[[Sample], torch.Tensor], *, atol: float,
-                max_new_tokens: int = PROBE_MAX_NEW_TOKENS) -> dict[str, float]:
+                max_new_tokens: int = PROBE_MAX_NEW_TOKENS,
+                num_sampled: int = PROBE_SAMPLES) -> dict[str, float]:
     """Raise :class:`WeightSyncMismatch` unless every server matches the reference (see module
-    doc); returns ``sync/`` metrics (the largest gap over servers)."""
+    doc); returns ``sync/`` metrics (the largest gap over servers).  Log-probs are compared on
+    the greedy decode and on ``num_sampled`` seeded temperature-1 samples."""
     first: Sample | None = None
     worst = 0.0
     for s in servers:
         sample = probe_server(s, probe_ids, max_new_tokens)
+        extra = probe_server_sampled(s, probe_ids, num_sampled, max_new_tokens) if num_sampled else []
         if sample.weight_version != str(version):
             raise WeightSyncMismatch(
                 f"weight sync check: {s.name} answered the probe at weight_version "
@@ -67,11 +90,17 @@ def verify_sync(servers: Sequence[SGLangServer], version: int, probe_ids: list[i
                 f"greedily as {sample.response_ids}, {servers[0].name} as {first.response_ids}; the "
                 f"servers do not hold the same weights (logs: {s.log_path}, {servers[0].log_path})")
         first = first or sample
-        ref = reference_logprobs(sample).float().flatten()
-        mu = torch.tensor(sample.rollout_logp, dtype=torch.float32)
-        if ref.shape != mu.shape:
-            raise WeightSyncMismatch(f"weight sync check: trainer gave {tuple(ref.shape)} log-probs "
-                                     f"for {mu.numel()} probe tokens of {s.name}")
+        refs, mus, toks = [], [], []
+        for smp in [sample, *extra]:
+            r = reference_logprobs(smp).float().flatten()
+            m = torch.tensor(smp.rollout_logp, dtype=torch.float32)
+            if r.shape != m.shape:
+                raise WeightSyncMismatch(f"weight sync check: trainer gave {tuple(r.shape)} "
+                                         f"log-probs for {m.numel()} probe tokens of {s.name}")
+            refs.append(r)
+            mus.append(m)
+            toks.extend(smp.response_ids)
+        ref, mu = torch.cat(refs), torch.cat(mus)
         diff = (ref - mu).abs()
         if not torch.isfinite(diff).all():
             raise WeightSyncMismatch(f"weight sync check failed: {s.name} at weight version "
@@ -84,7 +113,7 @@ def verify_sync(servers: Sequence[SGLangServer], version: int, probe_ids: list[i
             raise WeightSyncMismatch(
                 f"weight sync check failed: {s.name} at weight version {version}: max |log p_server "
                 f"- log p_trainer| = {d:.4g} > atol {atol:g} (token {t} of {mu.numel()}: id "
-                f"{sample.response_ids[t]}, server {float(mu[t]):.4f}, trainer {float(ref[t]):.4f}). "
+                f"{toks[t]}, server {float(mu[t]):.4f}, trainer {float(ref[t]):.4f}). "
                 f"The server does not serve the trainer's weights; see {s.log_path}")
         log.info("weight sync check: %s at version %d, %d probe tokens, max |dlogp| %.3g (atol %g)",
                  s.name, version, mu.numel(), d, atol)
@@ -106,8 +135,8 @@ def actor_reference(actor, pad_id: int) -> Callable[[Sample], torch.Tensor]:
 
 
 class VerifiedTransport:
-    """Wraps a transport: every ``push`` is followed by :func:`verify_sync` (rank 0 probes; the
-    trainer forward is collective, so every rank runs it)."""
+    """Wraps a transport: every ``push`` is followed by :func:`verify_sync` (single trainer
+    process: the server probes and the trainer forward run in the driving process)."""
 
     def __init__(self, inner, servers: Sequence[SGLangServer], probe_ids: list[int],
                  reference_logprobs: Callable[[Sample], torch.Tensor], atol: float):

@@ -26,7 +26,8 @@ from drpo_megatron.weights.transport import build_transport, iter_buckets
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU SGLang server test")
 
-ATOL = 0.1  # bf16 server vs fp32 HF; a stale or partial update moves log-probs by O(1)
+ATOL = 0.15  # bf16 server vs fp32 HF (measured up to 0.07 on sampled probe tokens); a stale or
+# partial update moves log-probs by O(1)
 BUCKET_MB = 0.25  # the tiny model is ~4 MiB in bf16: many buckets
 
 
@@ -51,7 +52,9 @@ def policy():
 @pytest.fixture(scope="module")
 def server(policy, tmp_path_factory):
     logs = tmp_path_factory.mktemp("sglang-logs")
-    s = SGLangServer(policy, ServerConfig(startup_timeout_s=240), logs, name="sglang-t").start()
+    # other processes allocating while the server loads count against its KV budget: headroom
+    cfg = ServerConfig(startup_timeout_s=240, extra_args=["--mem-fraction-static", "0.1"])
+    s = SGLangServer(policy, cfg, logs, name="sglang-t").start()
     try:
         s.wait_healthy()
         s.set_weight_version("0")
