@@ -212,6 +212,7 @@ def load_policy_from_hf(
     use_distributed_optimizer: bool = False,
     load_weights: bool = True,
     seed: int = 1234,
+    fp8: Any = None,
 ) -> Tuple[Any, Any, List[torch.nn.Module]]:
     """Build the Megatron-Core model of an HF checkpoint via megatron-bridge.
 
@@ -227,11 +228,19 @@ def load_policy_from_hf(
     optimizer's main params stay fp32).  ``seq_parallel`` defaults to ``tp > 1`` (Megatron
     requires it for MoE with TP).  ``overrides``: provider fields set last (e.g.
     ``{"moe_token_dispatcher_type": "allgather"}``).  Initialises distributed state
-    (:func:`init_distributed`) if needed.
+    (:func:`init_distributed`) if needed.  ``fp8``: a
+    :class:`~drpo_megatron.models.fp8_config.PrecisionConfig` with FP8 on (GPU + Transformer
+    Engine; translated by ``fp8_config.apply_precision``, TE layer spec); None or FP8 off = the
+    ``dtype`` path.
     """
     _ensure_platform()
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
+    if fp8 is not None and fp8.fp8:
+        from drpo_megatron.models.fp8_config import check_fp8_supported, transformer_precision_fields
+
+        transformer_precision_fields(fp8)  # config errors first
+        check_fp8_supported()              # then the clear "needs CUDA / TE" error
     init_distributed(tp=tp, pp=pp, ep=ep, etp=etp, seed=seed)
     from megatron.bridge import AutoBridge
     from megatron.core.distributed import DistributedDataParallelConfig
@@ -256,6 +265,10 @@ def load_policy_from_hf(
 
         _apply_fields(provider, cpu_transformer_overrides(), strict=False)
         provider.transformer_layer_spec = local_layer_spec
+    if fp8 is not None and fp8.fp8:
+        from drpo_megatron.models.fp8_config import apply_precision
+
+        apply_precision(provider, fp8)
     if overrides:
         _apply_fields(provider, overrides, strict=True)
     provider.finalize()

@@ -62,6 +62,7 @@ class ActorConfig:
     logprob_chunk_size: int = 1024
     logprob_impl: str = "chunked"  # "chunked" (hidden states -> chunked log-probs) | "logits"
     model_overrides: dict = field(default_factory=dict)  # Megatron provider fields, set last
+    fp8: str = ""  # "" | "blockwise" | "tensorwise" | "delayed" | "<e4m3|hybrid>-<recipe>" (GPU + TE)
 
 
 def _tp_group():
@@ -93,7 +94,7 @@ class MegatronActor:
         self.bridge, self.provider, self.model = mm.load_policy_from_hf(
             cfg.hf_path, dtype=cfg.dtype, tp=cfg.tp, pp=cfg.pp, ep=cfg.ep, wrap_ddp=True,
             use_distributed_optimizer=cfg.use_distributed_optimizer, seed=cfg.seed,
-            overrides=cfg.model_overrides or None)
+            overrides=cfg.model_overrides or None, fp8=_precision(cfg))
         self.optimizer = mm.build_optimizer(
             self.model, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
             adam_betas=cfg.adam_betas, use_distributed_optimizer=cfg.use_distributed_optimizer)
@@ -289,6 +290,14 @@ class MegatronActor:
         optimizer and restore this rank's RNG states; returns ``(step, extra_state)``."""
         step = self._mm.load_megatron_checkpoint(self.model, self.optimizer, ckpt_dir)
         return step, self._mm.load_trainer_state(ckpt_dir)
+
+
+def _precision(cfg: ActorConfig):
+    if not cfg.fp8:
+        return None
+    from drpo_megatron.models.fp8_config import PrecisionConfig
+
+    return PrecisionConfig.from_setting(cfg.dtype, cfg.fp8)
 
 
 def _dp_rank() -> int:
