@@ -21,7 +21,7 @@ drpo_env_network() {
 
 # ---- SIGUSR1 (sent by `--signal=B:USR1@SECONDS` before the time limit) and SIGTERM (preemption,
 # scancel): ask the trainer to checkpoint (signal forwarded to the trainer step + a stop file the
-# trainer polls), wait for it to exit, then requeue the job; on restart it resumes from
+# trainer polls) and wait for it to exit; after SIGUSR1 requeue the job, which resumes from
 # <output_dir>/checkpoint (train.resume: auto).
 DRPO_TRAIN_PID=""
 drpo_on_signal() {
@@ -33,8 +33,19 @@ drpo_on_signal() {
   while [ -n "$DRPO_TRAIN_PID" ] && kill -0 "$DRPO_TRAIN_PID" 2>/dev/null && [ $waited -lt "$DRPO_CKPT_GRACE_S" ]; do
     sleep 5; waited=$((waited + 5))
   done
-  scontrol requeue "$SLURM_JOB_ID" && echo "[drpo] requeued $SLURM_JOB_ID" >&2
+  if [ "$sig" = USR1 ]; then
+    # time limit ahead: requeue ourselves. SIGTERM (scancel, preemption) only checkpoints: a
+    # user's scancel must stay cancelled, and preemption with --requeue is requeued by SLURM.
+    scontrol requeue "$SLURM_JOB_ID" && echo "[drpo] requeued $SLURM_JOB_ID" >&2
+  fi
   exit 0
+}
+
+# ---- the address other nodes reach a node at (SLURM's NodeAddr; the node name when unset)
+drpo_node_addr() {
+  local addr
+  addr=$(scontrol show node "$1" -o 2>/dev/null | sed -n 's/.* NodeAddr=\([^ ]*\).*/\1/p')
+  echo "${addr:-$1}"
 }
 
 # ---- wait until the router lists the expected number of workers (or time out naming the missing)

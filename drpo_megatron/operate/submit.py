@@ -105,6 +105,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--rollout-wait-s", type=int, default=1800)
     ap.add_argument("--ckpt-grace-s", type=int, default=600)
     ap.add_argument("--signal-lead-s", type=int, default=900)
+    ap.add_argument("--cpus-per-task", type=int, default=64, help="CPUs per node task")
     args = ap.parse_args(argv)
     try:
         if args.nodes < 1:
@@ -125,7 +126,7 @@ def main(argv: list[str]) -> int:
                       resolved_config=str(resolved), log_root=log_root, time=args.time,
                       partition=args.partition, account=args.account, python=args.python,
                       rollout_wait_s=args.rollout_wait_s, ckpt_grace_s=args.ckpt_grace_s,
-                      signal_lead_s=args.signal_lead_s)
+                      signal_lead_s=args.signal_lead_s, cpus_per_task=args.cpus_per_task)
     except (ConfigError, PlanError, SubmitError) as e:
         print(f"drpo submit: error: {e}", file=sys.stderr)
         return 2

@@ -62,7 +62,8 @@ def test_common_sh_is_valid_bash_and_sets_nccl():
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash")
-def test_signal_handler_requeues_after_trainer_exits(tmp_path):
+@pytest.mark.parametrize("sig,requeue", [("USR1", True), ("TERM", False)])
+def test_signal_handler_checkpoints_then_requeues_on_usr1(tmp_path, sig, requeue):
     # drive drpo_on_signal with a fake trainer and a fake scontrol on PATH
     (tmp_path / "scontrol").write_text("#!/bin/bash\necho \"scontrol $*\" >> \"$LOG\"\n")
     (tmp_path / "scontrol").chmod(0o755)
@@ -72,13 +73,15 @@ export LOG={tmp_path}/calls DRPO_STOP_FILE={tmp_path}/STOP DRPO_CKPT_GRACE_S=30 
 ( trap 'echo ckpt >> $LOG; exit 0' USR1; while true; do sleep 0.2; done ) &
 DRPO_TRAIN_PID=$!
 sleep 0.5
-drpo_on_signal USR1
+drpo_on_signal {sig}
 """
     env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}")
     p = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert calls == ["ckpt", "scontrol requeue 42"] and (tmp_path / "STOP").exists()
+    # the trainer got SIGUSR1 (checkpoint) and exited before the requeue; scancel (TERM) never requeues
+    assert calls == (["ckpt", "scontrol requeue 42"] if requeue else ["ckpt"])
+    assert (tmp_path / "STOP").exists()
 
 
 def test_cli_dry_run_writes_script_and_resolved_config(tmp_path, capsys):
