@@ -94,8 +94,17 @@ test_job() {
   start
   local run=$D/run-embedded cfg=$D/embedded.yaml
   rm -rf "$run"
-  sed -e "s|^output_dir: .*|output_dir: $run|" -e "s|^  max_steps: .*|  max_steps: $STEPS|" \
-      -e "s|^  eval_every: .*|  eval_every: 1000|" "$ROOT/model_configs/tiny_qwen3_moe_cpu.yaml" > "$cfg"
+  # the embedded CPU default, shortened; a generous SGLang start-up timeout (a loaded 2-core
+  # machine needed > 300 s)
+  "$PY" - "$ROOT/model_configs/tiny_qwen3_moe_cpu.yaml" "$cfg" "$run" "$STEPS" <<'EOF'
+import sys, yaml
+src, dst, run, steps = sys.argv[1:]
+c = yaml.safe_load(open(src))
+c["output_dir"] = run
+c["train"].update(max_steps=int(steps), eval_every=1000)
+c["rollout"].setdefault("server", {})["startup_timeout_s"] = 1200.0
+yaml.safe_dump(c, open(dst, "w"), sort_keys=False)
+EOF
   local out
   out=$(cd "$ROOT" && "$PY" -m drpo_megatron.cli submit "$cfg" --nodes 1 --rollout-nodes 0 \
         --cpus-per-task 2 --time 00:30:00 --python "$PY")
