@@ -17,6 +17,10 @@ def _train(argv: list[str]) -> int:
     p.add_argument("--config", help="YAML run config (see model_configs/); default: embedded CPU run")
     p.add_argument("--max-steps", type=int, help="override train.max_steps")
     p.add_argument("--output-dir", help="override output_dir (run directory)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <output_dir>/checkpoint (an error when there is none); "
+                        "without it a run resumes automatically when a checkpoint exists "
+                        "(train.resume: auto)")
     args = p.parse_args(argv)
 
     from drpo_megatron.config import ConfigError, load_config
@@ -26,6 +30,8 @@ def _train(argv: list[str]) -> int:
         overrides.setdefault("train", {})["max_steps"] = args.max_steps
     if args.output_dir is not None:
         overrides["output_dir"] = args.output_dir
+    if args.resume:
+        overrides.setdefault("train", {})["resume"] = "must"
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:

@@ -169,6 +169,15 @@ class TrainConfig:
     eval_every: int = 25
     eval_samples_per_prompt: int = 8
     seed: int = 1234
+    # Megatron checkpoint (model, optimizer, RNG states, data cursor, step) every save_every
+    # steps into <output_dir>/checkpoint; 0 = only at the end.
+    save_every: int = 0
+    # "auto": continue from <output_dir>/checkpoint when it exists (`drpo train --resume` makes
+    # a missing checkpoint an error: "must"); "never": always start at step 1.
+    resume: str = "auto"
+    # Per-sample SGLang sampling seeds derived from (seed, step, prompt, sample): rollouts are
+    # reproducible (and a resumed run regenerates the same samples); false = SGLang's own RNG.
+    seeded_rollouts: bool = True
 
 
 @dataclass
@@ -306,6 +315,10 @@ def validate(cfg: RunConfig) -> None:
     if not 0 < r.top_p <= 1:
         raise ConfigError(f"rollout.top_p={r.top_p} must be in (0, 1]")
     positive("train.max_steps", t.max_steps)
+    if t.save_every < 0:
+        raise ConfigError(f"train.save_every={t.save_every} must be >= 0 (0 = save at the end only)")
+    if t.resume not in ("auto", "never", "must"):
+        raise ConfigError(f"train.resume={t.resume!r}: choose 'auto', 'never' or 'must'")
     positive("optim.lr", o.lr)
     positive("optim.updates_per_rollout", o.updates_per_rollout)
     if r.prompts_per_step % o.updates_per_rollout:

@@ -66,8 +66,13 @@ class Components:
     _old_logp: Any = None
 
     # -------------------------------------------------------------- loop steps
-    def rollout(self, prompts, answers, *, version: int) -> list[Sample]:
+    def rollout(self, prompts, answers, *, version: int, step: int | None = None) -> list[Sample]:
         r = self.cfg.rollout
+        if step is not None and self.cfg.train.seeded_rollouts:
+            return seeded_generate_groups(self.servers[0], prompts, answers, n=r.samples_per_prompt,
+                                          temperature=r.temperature, top_p=r.top_p,
+                                          max_new_tokens=r.max_new_tokens,
+                                          seed=self.cfg.train.seed, step=step)
         samples = generate_groups(self.servers[0], prompts, answers, n=r.samples_per_prompt,
                                   temperature=r.temperature, top_p=r.top_p,
                                   max_new_tokens=r.max_new_tokens)
@@ -177,6 +182,39 @@ class Components:
             s.stop()
         if self.writers is not None:
             self.writers.close()
+
+
+def sampling_seed(seed: int, step: int, group: int, sample: int) -> int:
+    """SGLang ``sampling_seed`` of one sample: a 31-bit hash of (train.seed, step, prompt index
+    in the step, sample index in the group); distinct per sample, identical across restarts."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}:{step}:{group}:{sample}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def seeded_generate_groups(server, prompts, answers, *, n: int, temperature: float, top_p: float,
+                           max_new_tokens: int, seed: int, step: int) -> list[Sample]:
+    """Like ``generate_groups`` (group-major, ``len(prompts) * n`` samples) with one request
+    per sample, each with its own ``sampling_seed``: SGLang seeds a request's sampling by
+    (seed, position), so the n samples of a prompt must not share one seed (they would be
+    identical)."""
+    from drpo_megatron.rollout.engine import parse_sample
+    from drpo_megatron.rollout.server import ServerError
+
+    ids, params = [], []
+    for g, p in enumerate(prompts):
+        for k in range(n):
+            ids.append(list(p))
+            params.append({"n": 1, "temperature": temperature, "top_p": top_p,
+                           "max_new_tokens": max_new_tokens,
+                           "sampling_seed": sampling_seed(seed, step, g, k)})
+    outs = server.generate(ids, params, return_logprob=True)
+    if len(outs) != len(ids):
+        raise ServerError(f"{server.name}: /generate returned {len(outs)} outputs for "
+                          f"{len(ids)} seeded requests")
+    return [parse_sample(out, group_id=i // n, prompt_ids=prompts[i // n], answer=answers[i // n],
+                         server_name=server.name) for i, out in enumerate(outs)]
 
 
 def next_prompts(c: Components, k: int) -> tuple[list[list[int]], list[str]]:

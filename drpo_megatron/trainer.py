@@ -17,21 +17,52 @@ from drpo_megatron.run import Components, build_components, evaluate, next_promp
 log = logging.getLogger(__name__)
 
 
+def save(c: Components, step: int) -> None:
+    """Checkpoint: model, optimizer, RNG states, the data cursor and the step (atomic)."""
+    t0 = time.time()
+    c.actor.save_checkpoint(c.run_dir / "checkpoint", step=step,
+                            extra_state={"cursor": c.cursor, "order": list(c.order)})
+    log.info("saved checkpoint of step %d in %.1fs", step, time.time() - t0)
+
+
+def resume(c: Components, cfg: RunConfig) -> int:
+    """Load ``<run_dir>/checkpoint`` when ``train.resume`` asks for it; returns the first step
+    to run.  The loaded weights go to the rollout servers (weight_version = the checkpoint's
+    step) before the first rollout, so step+1 samples from the policy it would have had."""
+    from drpo_megatron.models.megatron_model import find_checkpoint
+
+    if cfg.train.resume == "never":
+        return 1
+    ckpt = find_checkpoint(c.run_dir / "checkpoint")
+    if ckpt is None:
+        if cfg.train.resume == "must":
+            raise FileNotFoundError(f"--resume: no checkpoint in {c.run_dir / 'checkpoint'}")
+        return 1
+    step, extra = c.actor.load_checkpoint(ckpt)
+    c.cursor = int(extra.get("cursor", 0))
+    c.order = list(extra.get("order", []))
+    c.transport.push(version=step)
+    log.info("resumed from %s at step %d (data cursor %d); continuing at step %d", ckpt, step,
+             c.cursor, step + 1)
+    return step + 1
+
+
 def train(cfg: RunConfig) -> dict[str, float]:
-    """Run ``cfg.train.max_steps`` RL steps; returns the last step's metrics."""
+    """Run RL steps up to ``cfg.train.max_steps``; returns the last step's metrics."""
     c: Components = build_components(cfg)
     last: dict[str, float] = {}
     try:
-        if cfg.train.eval_every:
+        start = resume(c, cfg)
+        if cfg.train.eval_every and start == 1:
             c.writers.log_scalars(0, evaluate(c, version=0))
-        for step in c.progress(range(1, cfg.train.max_steps + 1)):
+        for step in c.progress(range(start, cfg.train.max_steps + 1)):
             t_step = time.time()
             metrics: dict[str, float] = {}
 
             # 1. generate: n samples per prompt from SGLang, with per-token log-probs µ
             t0 = time.time()
             prompts, answers = next_prompts(c, cfg.rollout.prompts_per_step)
-            samples = c.rollout(prompts, answers, version=step - 1)
+            samples = c.rollout(prompts, answers, version=step - 1, step=step)
             metrics["perf/rollout_time_s"] = time.time() - t0
 
             # 2. reward (math-verify on \boxed{} answers) and 3. group advantages
@@ -61,8 +92,10 @@ def train(cfg: RunConfig) -> dict[str, float]:
             c.show(step, metrics)
             last = metrics
 
-        # 7. save the final Megatron checkpoint
-        c.actor.save_checkpoint(c.run_dir / "checkpoint", step=cfg.train.max_steps)
+            # 7. save (every train.save_every steps; always after the last step)
+            every = cfg.train.save_every
+            if step == cfg.train.max_steps or (every and step % every == 0):
+                save(c, step)
     finally:
         c.close()
     return last
