@@ -280,6 +280,9 @@ class DistributedTransport(_BaseTransport):
         return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" \
             else torch.device("cpu")
 
+    def _members(self) -> list:
+        return [(s.name, s.proc.pid if s.proc is not None else None) for s in self.servers]
+
     def connect(self) -> None:
         """(Re)build the update group over the current servers (rank 0 = trainer)."""
         if self.group is not None:
@@ -301,7 +304,7 @@ class DistributedTransport(_BaseTransport):
             backend=self.backend, init_method=f"tcp://{self.master_address}:{port}",
             world_size=world, rank=0, group_name=self.group_name, timeout_s=timeout)
         _join(threads, errors, timeout, "init_weights_update_group")
-        self._group_servers = [s.name for s in self.servers]
+        self._group_servers = self._members()
         log.info("weight update group %s: trainer + %d server ranks (%s), %.1fs", self.group_name,
                  world - 1, self.backend, time.time() - t0)
 
@@ -313,8 +316,8 @@ class DistributedTransport(_BaseTransport):
         for s in self.servers:
             try:
                 s.destroy_weights_update_group(self.group_name)
-            except ServerError as e:
-                log.warning("%s", e)
+            except ServerError as e:  # e.g. a restarted server that never joined this group
+                log.warning("%s", str(e).splitlines()[0])
         try:
             dist.destroy_process_group(self.group)
         except Exception as e:  # noqa: BLE001 - teardown
@@ -326,8 +329,8 @@ class DistributedTransport(_BaseTransport):
 
         t0 = time.time()
         rank0 = _rank0()
-        if rank0 and (self.group is None or self._group_servers != [s.name for s in self.servers]):
-            self.connect()
+        if rank0 and (self.group is None or self._group_servers != self._members()):
+            self.connect()  # first push, or a server was restarted / replaced
         t_connect = time.time() - t0
         nbytes = nbuckets = 0
         if rank0:
