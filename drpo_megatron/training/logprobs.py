@@ -35,7 +35,8 @@ import torch.distributed as dist
 
 __all__ = ["vocab_parallel_logprobs", "naive_logprobs", "DEFAULT_CHUNK_SIZE"]
 
-# Peak extra memory ~ 3 fp32 [chunk, V/tp] buffers: 1024 x 151,936 x 4 B x 3 = 1.9 GB at tp=1.
+# Peak extra memory ~ one fp32 [chunk, V/tp] buffer (forward and backward work in place in it):
+# 1024 x 151,936 x 4 B = 0.62 GB at tp=1.
 DEFAULT_CHUNK_SIZE = 1024
 
 
@@ -79,12 +80,13 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             in_shard = (tgt >= 0) & (tgt < v_local)
             tl = logits.gather(1, tgt.clamp(0, v_local - 1).unsqueeze(1)).squeeze(1)
             tl = torch.where(in_shard, tl, torch.zeros_like(tl))
-            logits.sub_(m.unsqueeze(1))                                  # shifted, in place
-            p = logits.exp()
-            # E_p-numerator sum_v p_v (l_v - m) as a batched dot: no third [c, V] buffer
-            p_dot = torch.bmm(p.unsqueeze(1), logits.unsqueeze(2)).view(-1)
-            stats = torch.stack([p.sum(dim=1), p_dot, tl])                # [3, c]
-            del p, logits
+            # everything in place in the one [c, V/tp] buffer: s = l - m, e = exp(s),
+            # then e * log(e) = e * s (0 where e underflows) for the entropy numerator
+            logits.sub_(m.unsqueeze(1)).exp_()
+            sumexp_local = logits.sum(dim=1)
+            p_dot = logits.xlogy_(logits).sum(dim=1)
+            stats = torch.stack([sumexp_local, p_dot, tl])                # [3, c]
+            del logits
             _all_reduce(stats, dist.ReduceOp.SUM, group)
             sumexp, p_shift, tl = stats[0], stats[1], stats[2]
             log_z = sumexp.log()
