@@ -157,3 +157,13 @@ def test_hf_to_mcore_multi_rank(tmp_path, layout):
     _ok(p, f"hf-to-mcore {layout}")
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["world_size"] == 2 and r["verify"]["max_abs_diff"] <= LOGITS_ATOL, r
+
+
+def test_verification_failure_exits_1(tiny, tmp_path):
+    # --atol -1: no logit difference can pass; the command must report FAILED and exit 1
+    kind, hf = tiny
+    if kind != "dense":
+        pytest.skip("one architecture is enough for the failure path")
+    p = drpo("convert", "hf-to-mcore", "--hf", hf, "--out", tmp_path / "m", "--atol", "-1")
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "FAILED" in p.stdout
