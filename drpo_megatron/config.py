@@ -135,6 +135,12 @@ class RolloutConfig:
     # see drpo_megatron.rollout.verify).  On in tests, off by default (one extra forward per sync).
     verify_sync: bool = False
     verify_sync_atol: float | None = None
+    # Rollout servers.  With more than one, requests go through a router: "client" is drpo's own
+    # dispatch (one request per prompt group, round-robin, retries, restart + re-sync of a dead
+    # server: drpo_megatron.rollout.fleet); "sglang-router" is not wired yet.
+    num_servers: int = 1
+    router: str = "sglang-router"
+    max_attempts: int = 3  # per request, across servers
     server: ServerConfig = field(default_factory=ServerConfig)
 
 
@@ -374,6 +380,14 @@ def validate(cfg: RunConfig) -> None:
     if r.precision not in ROLLOUT_PRECISIONS:
         raise ConfigError(f"rollout.precision={r.precision!r}: choose one of {list(ROLLOUT_PRECISIONS)}")
     positive("rollout.weight_bucket_mb", r.weight_bucket_mb, float)
+    positive("rollout.num_servers", r.num_servers)
+    positive("rollout.max_attempts", r.max_attempts)
+    if r.router not in ("sglang-router", "client"):
+        raise ConfigError(f"rollout.router={r.router!r}: choose 'sglang-router' or 'client'")
+    if r.num_servers > 1 and r.router != "client":
+        raise ConfigError(f"rollout.num_servers={r.num_servers} with rollout.router='sglang-router': "
+                          "sglang-router is not wired into drpo yet; set rollout.router: client for "
+                          "drpo's client-side dispatch (round-robin, retries, restart + re-sync)")
     if r.verify_sync_atol is not None and r.verify_sync_atol <= 0:
         raise ConfigError(f"rollout.verify_sync_atol={r.verify_sync_atol} must be > 0 (or null for "
                           "the per-precision default)")

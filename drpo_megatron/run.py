@@ -279,8 +279,10 @@ def build_components(cfg: RunConfig) -> Components:
     train_set, eval_set = train_eval_split(cfg.task.num_train, cfg.task.num_eval, seed=cfg.task.seed,
                                            max_operand=cfg.task.max_operand)
 
-    # start the server first: it loads while the actor builds
-    server = SGLangServer(policy, cfg.rollout.server, run_dir / "logs").start()
+    # start the servers first: they load while the actor builds
+    servers = [SGLangServer(policy, cfg.rollout.server, run_dir / "logs", name=f"sglang-{i}")
+               for i in range(cfg.rollout.num_servers)]
+    server = servers[0].start()
     try:
         init_distributed()
         actor = MegatronActor(ActorConfig(
@@ -290,9 +292,13 @@ def build_components(cfg: RunConfig) -> Components:
             loss_params=cfg.loss.params, aggregation=cfg.loss.aggregation,
             horizon=cfg.loss.horizon, temperature=cfg.rollout.temperature, seed=cfg.train.seed))
         server.wait_healthy()
-        server.set_weight_version("0")
+        for s in servers[1:]:  # one at a time: SGLang sizes its KV pool from RAM seen at load
+            s.start().wait_healthy()
+        for s in servers:
+            s.set_weight_version("0")
     except BaseException:
-        server.stop()
+        for s in servers:
+            s.stop()
         raise
     from drpo_megatron.training.flops import FlopsModel, device_peak_flops
 
@@ -300,7 +306,7 @@ def build_components(cfg: RunConfig) -> Components:
     device, peak = device_peak_flops("bf16")
     log.info("MFU is relative to %s peak %.3g FLOP/s", device, peak)
     writers = build_writers(cfg.logging.writers, run_dir)
-    transport = build_transport(cfg.rollout.weight_transport, actor, [server], run_dir / "weights",
+    transport = build_transport(cfg.rollout.weight_transport, actor, servers, run_dir / "weights",
                                 precision=cfg.rollout.precision,
                                 bucket_mb=cfg.rollout.weight_bucket_mb)
     if cfg.rollout.verify_sync:
@@ -308,12 +314,31 @@ def build_components(cfg: RunConfig) -> Components:
         from drpo_megatron.rollout.verify import DEFAULT_ATOL, VerifiedTransport, actor_reference
 
         transport = VerifiedTransport(
-            transport, [server], prompt_ids(tokenizer, eval_set[0].prompt_text),
+            transport, servers, prompt_ids(tokenizer, eval_set[0].prompt_text),
             actor_reference(actor, tokenizer.pad_token_id),
             atol=cfg.rollout.verify_sync_atol or DEFAULT_ATOL[cfg.rollout.precision])
     if cfg.rollout.precision != "bf16":
         transport.push(version=0)  # the server loaded unquantized weights: send version 0 as FP8
+    if len(servers) > 1:
+        # the loop talks to the fleet as if it were one server; a restarted server is re-synced
+        # with a one-server transport to the version the others serve before it takes requests
+        from drpo_megatron.rollout.fleet import Fleet
+
+        def resync(s):
+            version = int(next(o for o in servers if o is not s).weight_version())
+            t = build_transport(cfg.rollout.weight_transport, actor, [s], run_dir / "weights-resync",
+                                precision=cfg.rollout.precision,
+                                bucket_mb=cfg.rollout.weight_bucket_mb)
+            try:
+                t.push(version=version)  # raises unless s reports weight_version == version
+            finally:
+                if hasattr(t, "close"):
+                    t.close()
+
+        front = Fleet(servers, resync=resync, max_attempts=cfg.rollout.max_attempts)
+    else:
+        front = server
     return Components(cfg=cfg, run_dir=run_dir, tokenizer=tokenizer, train_set=train_set,
-                      eval_set=eval_set, actor=actor, servers=[server], transport=transport,
+                      eval_set=eval_set, actor=actor, servers=[front], transport=transport,
                       writers=writers, reward_fn=reward_fn, pad_id=tokenizer.pad_token_id,
                       flops_model=flops_model, peak_flops=peak)

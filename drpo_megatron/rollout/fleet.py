@@ -87,19 +87,60 @@ class Fleet:
                         temperature: float, top_p: float, max_new_tokens: int,
                         seed: int | None = None) -> list[Sample]:
         """Like :func:`engine.generate_groups` over the fleet; group-major, all groups or raise."""
+
+        def job(g):
+            return lambda s: generate_groups(
+                s, [prompts[g]], [answers[g]], n=n, temperature=temperature, top_p=top_p,
+                max_new_tokens=max_new_tokens, seed=None if seed is None else seed + g,
+                first_group_id=g)
+
+        results = self.dispatch([job(g) for g in range(len(prompts))])
+        return [smp for r in results for smp in r]
+
+    def generate(self, input_ids: list[list[int]], sampling_params: dict[str, Any] | list,
+                 *, return_logprob: bool = True, top_logprobs_num: int = 0) -> list[dict]:
+        """:meth:`SGLangServer.generate` over the fleet (so a ``Fleet`` can stand in for a server):
+        one request per prompt (its ``n`` samples stay on one server), outputs prompt-major."""
+
+        def job(i):
+            params = sampling_params[i] if isinstance(sampling_params, list) else sampling_params
+            want = int(params.get("n", 1) or 1)
+
+            def run(s: SGLangServer):
+                outs = s.generate([input_ids[i]], params, return_logprob=return_logprob,
+                                  top_logprobs_num=top_logprobs_num)
+                if len(outs) != want:
+                    raise ServerError(f"{s.name}: /generate returned {len(outs)} outputs for one "
+                                      f"prompt with n={want}")
+                return outs
+            return run
+
+        results = self.dispatch([job(i) for i in range(len(input_ids))])
+        return [o for r in results for o in r]
+
+    # the server-like surface used by the loop (name, log_path, weight_version, stop)
+    @property
+    def name(self) -> str:
+        return "fleet[" + ",".join(s.name for s in self.servers) + "]"
+
+    @property
+    def log_path(self):
+        return self.servers[0].log_path.parent
+
+    def weight_version(self) -> str:
+        return self.servers[0].weight_version()
+
+    def dispatch(self, jobs: list[Callable[[SGLangServer], Any]]) -> list[Any]:
+        """Run every job on some healthy server (one in flight per server), retrying a failed
+        job elsewhere and restarting its server if it died; results in job order."""
         self.watchdog()
-        results: dict[int, list[Sample]] = {}
-        attempts = {g: 0 for g in range(len(prompts))}
-        errors: dict[int, list[str]] = {g: [] for g in range(len(prompts))}
-        pending = list(range(len(prompts)))
+        results: dict[int, Any] = {}
+        attempts = {g: 0 for g in range(len(jobs))}
+        errors: dict[int, list[str]] = {g: [] for g in range(len(jobs))}
+        pending = list(range(len(jobs)))
         busy: dict[str, Future] = {}
         owner: dict[Future, tuple[int, SGLangServer]] = {}
         down: set[str] = set()
-
-        def run(g: int, s: SGLangServer) -> list[Sample]:
-            return generate_groups(s, [prompts[g]], [answers[g]], n=n, temperature=temperature,
-                                   top_p=top_p, max_new_tokens=max_new_tokens,
-                                   seed=None if seed is None else seed + g, first_group_id=g)
 
         with ThreadPoolExecutor(max_workers=len(self.servers), thread_name_prefix="fleet") as pool:
             while pending or busy:
@@ -110,7 +151,7 @@ class Fleet:
                         continue
                     g = pending.pop(0)
                     attempts[g] += 1
-                    fut = pool.submit(run, g, s)
+                    fut = pool.submit(jobs[g], s)
                     busy[s.name] = fut
                     owner[fut] = (g, s)
                 if not busy:
@@ -131,25 +172,25 @@ class Fleet:
                     try:
                         results[g] = fut.result()
                     except ServerError as e:
-                        errors[g].append(f"{s.name}: {str(e).splitlines()[0]}")
-                        log.warning("group %d failed on %s (attempt %d): %s", g, s.name,
-                                    attempts[g], str(e).splitlines()[0])
+                        first = str(e).splitlines()[0]
+                        errors[g].append(f"{s.name}: {first}")
+                        log.warning("request %d failed on %s (attempt %d): %s", g, s.name,
+                                    attempts[g], first)
                         if attempts[g] >= self.max_attempts:
                             raise ServerError(
-                                f"group {g} failed {attempts[g]} times (rollout.max_attempts): "
+                                f"request {g} failed {attempts[g]} times (rollout.max_attempts): "
                                 + "; ".join(errors[g])) from e
                         pending.insert(0, g)
                         if not self.is_healthy(s):
                             down.add(s.name)
                             # restart in the pool: the other servers keep generating meanwhile
-                            rfut = pool.submit(self.restart, s, f"request failed: "
-                                               f"{str(e).splitlines()[0][:200]}")
+                            rfut = pool.submit(self.restart, s, f"request failed: {first[:200]}")
                             busy[s.name] = rfut
                             owner[rfut] = (-1, s)
-        missing = [g for g in range(len(prompts)) if g not in results]
+        missing = [g for g in range(len(jobs)) if g not in results]
         if missing:
-            raise ServerError(f"rollout lost groups {missing}")
-        return [smp for g in range(len(prompts)) for smp in results[g]]
+            raise ServerError(f"rollout lost requests {missing}")
+        return [results[g] for g in range(len(jobs))]
 
     def _order(self) -> list[SGLangServer]:
         k = self._rr % len(self.servers)

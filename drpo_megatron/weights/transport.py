@@ -266,7 +266,7 @@ def _join(threads, errors, timeout_s: float, what: str) -> None:
 class DistributedTransport(_BaseTransport):
     """Broadcast transport through a trainer+servers process group (see the module doc)."""
 
-    group_name = "drpo_weight_update"
+    _groups_made = 0  # each (re)connect gets a fresh group name (names are process-global)
 
     def __init__(self, *args, backend: str | None = None, master_address: str = "127.0.0.1",
                  **kw):
@@ -274,7 +274,8 @@ class DistributedTransport(_BaseTransport):
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.master_address = master_address
         self.group = None
-        self._group_servers: list[str] = []
+        self.group_name = ""
+        self._group_servers: list = []
 
     def _device(self):
         return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" \
@@ -288,6 +289,8 @@ class DistributedTransport(_BaseTransport):
         if self.group is not None:
             self.close()
         port = free_port(self.master_address)
+        DistributedTransport._groups_made += 1
+        self.group_name = f"drpo_weight_update_{DistributedTransport._groups_made}"
         tps = [s.tp_size() for s in self.servers]
         world = 1 + sum(tps)
         timeout = max(s.cfg.weight_update_timeout_s for s in self.servers)

@@ -17,13 +17,16 @@ pytestmark = pytest.mark.slow
 STEPS = 2
 
 
-@pytest.mark.parametrize("transport,precision,atol", [("tensor", "bf16", 0.15),
-                                                      ("distributed", "fp8_emulated", 0.5)])
-def test_run_with_verified_sync(transport, precision, atol, tmp_path):
+@pytest.mark.parametrize("transport,precision,atol,num_servers", [
+    ("tensor", "bf16", 0.15, 1), ("distributed", "fp8_emulated", 0.5, 1),
+    ("distributed", "bf16", 0.15, 2)])
+def test_run_with_verified_sync(transport, precision, atol, num_servers, tmp_path):
     cfg = {
         "rollout": {"prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 8,
                     "weight_transport": transport, "precision": precision,
-                    "weight_bucket_mb": 0.5, "verify_sync": True},
+                    "weight_bucket_mb": 0.5, "verify_sync": True, "num_servers": num_servers,
+                    "router": "client",
+                    "server": {"extra_args": ["--mem-fraction-static", "0.25"]}},
         "loss": {"horizon": 8},
         "optim": {"updates_per_rollout": 1},
         "train": {"max_steps": STEPS, "eval_every": 0},
@@ -43,5 +46,6 @@ def test_run_with_verified_sync(transport, precision, atol, tmp_path):
         assert 0 <= m["sync/probe_max_logprob_diff"] <= atol, m
         assert m["perf/weight_sync_time_s"] > 0 and m["perf/weight_sync_buckets"] >= 1
     log = (out / "logs" / "trainer.log").read_text()
-    assert f"weight sync check: sglang-0 at version {STEPS}" in log
+    for i in range(num_servers):  # every server probed after every push
+        assert f"weight sync check: sglang-{i} at version {STEPS}" in log
     print({m["step"]: m["sync/probe_max_logprob_diff"] for m in steps})
