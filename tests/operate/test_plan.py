@@ -106,3 +106,16 @@ def test_check_fits_names_largest_part():
     p = make_plan(cfg)
     with pytest.raises(Exception, match=r"gpu_memory_gb=1: estimate .* does not fit"):
         check_fits(p, cfg)
+
+
+def test_hf_config_json_wins_over_model_arch(tmp_path):
+    import json
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen3ForCausalLM"], "hidden_size": 8, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 4, "vocab_size": 16,
+        "intermediate_size": 16, "tie_word_embeddings": False}))
+    cfg = _cfg({**DENSE_ARCH, "hidden_size": 4096}, {"recompute": "none"}, hf_path=str(hf))
+    assert make_plan(cfg).params_total == 1568  # the config.json numbers, not model.arch
