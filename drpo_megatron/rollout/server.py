@@ -37,6 +37,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+# torch.distributed / torchrun variables of the *trainer* process: an SGLang server that inherits
+# them joins the trainer's rendezvous store at start-up (TORCHELASTIC_USE_AGENT_STORE) and hangs
+# until its start-up timeout. The server is its own distributed job: it must not see them.
+TRAINER_DIST_ENV_PREFIXES = ("TORCHELASTIC_", "ROLE_")
+TRAINER_DIST_ENV_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                         "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR",
+                         "MASTER_PORT", "TORCH_NCCL_ASYNC_ERROR_HANDLING_AGENT")
+
+
+def server_base_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The trainer's environment minus its torch.distributed / torchrun variables."""
+    env = dict(os.environ if env is None else env)
+    for k in list(env):
+        if k in TRAINER_DIST_ENV_VARS or k.startswith(TRAINER_DIST_ENV_PREFIXES):
+            del env[k]
+    return env
+
+
 def tail(path: Path, n: int = LOG_TAIL_LINES) -> str:
     try:
         lines = path.read_text(errors="replace").splitlines()
@@ -94,7 +112,8 @@ class SGLangServer:
             fh.write(("$ " + " ".join(cmd) + "\n").encode())
             fh.flush()
             self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
-                                         env=sglang_cpu.server_env(), start_new_session=True)
+                                         env=sglang_cpu.server_env(server_base_env()),
+                                         start_new_session=True)
         return self
 
     def wait_healthy(self, timeout_s: float | None = None) -> None:

@@ -69,3 +69,12 @@ def test_pack_samples_alignment():
 def test_causal_mask_convention():
     m = causal_attention_mask(3)[0, 0]
     assert m.tolist() == [[False, True, True], [False, False, True], [False, False, False]]
+
+
+def test_server_env_drops_trainer_torchrun_variables():
+    from drpo_megatron.rollout.server import server_base_env
+
+    env = server_base_env({"PATH": "/bin", "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h",
+                           "MASTER_PORT": "1", "TORCHELASTIC_USE_AGENT_STORE": "True",
+                           "TORCHELASTIC_RUN_ID": "x", "LOCAL_RANK": "0", "OMP_NUM_THREADS": "1"})
+    assert env == {"PATH": "/bin", "OMP_NUM_THREADS": "1"}
