@@ -1,4 +1,4 @@
-"""``drpo`` command line: train | dashboard.
+"""``drpo`` command line: train | dashboard | convert | plan | submit.
 
 ``drpo train`` with no arguments runs the embedded CPU default (tiny Qwen3-MoE, arithmetic task,
 DRPO, one SGLang server on CPU).
@@ -67,14 +67,14 @@ def _plan(argv: list[str]) -> int:
     return plan_main(argv)
 
 
-COMMANDS = {"train": _train, "dashboard": _dashboard}
 def _submit(argv: list[str]) -> int:
     from drpo_megatron.operate.submit import main as submit_main
 
     return submit_main(argv)
 
 
-COMMANDS.update(convert=_convert, plan=_plan, submit=_submit)
+COMMANDS = {"train": _train, "dashboard": _dashboard, "convert": _convert, "plan": _plan,
+            "submit": _submit}
 
 
 def main(argv: list[str] | None = None) -> int:
