@@ -182,7 +182,8 @@ class TrainConfig:
     # a missing checkpoint an error: "must"); "never": always start at step 1.
     resume: str = "auto"
     # Per-sample SGLang sampling seeds derived from (seed, step, prompt, sample): rollouts are
-    # reproducible (and a resumed run regenerates the same samples); false = SGLang's own RNG.
+    # reproducible across fresh servers with the same history (a server restarted mid-run, as on
+    # resume, draws different samples: docs/parallelism.md); false = SGLang's own RNG.
     seeded_rollouts: bool = True
 
 
