@@ -19,7 +19,8 @@ from drpo_megatron.rollout.server import ServerConfig, SGLangServer
 from drpo_megatron.rollout.verify import probe_server
 from drpo_megatron.weights.transport import build_transport
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU SGLang server test")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(torch.cuda.is_available(), reason="CPU SGLang server test")]
 
 VERSION = 1
 

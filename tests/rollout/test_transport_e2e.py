@@ -125,6 +125,7 @@ CASES = [("disk", "bf16"), ("tensor", "bf16"), ("distributed", "bf16"),
          ("tensor", "fp8_emulated"), ("distributed", "fp8_emulated")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transport,precision", CASES)
 def test_push_then_server_matches_hf(transport, precision, server, policy, probe_ids, tmp_path,
                                      caplog):
