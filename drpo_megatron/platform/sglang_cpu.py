@@ -27,9 +27,13 @@ CPU_SERVER_ARGS: tuple[str, ...] = (
     "--attention-backend", "torch_native",
     "--sampling-backend", "pytorch",
     "--disable-cuda-graph",
-    # SGLang sizes its KV pool as a fraction of *host* memory on CPU; 5% of 24 GiB is plenty for
-    # tiny models and keeps several servers side by side within memory.
-    "--mem-fraction-static", "0.05",
+    # On CPU SGLang budgets the KV pool from *system* free memory: pool = free-after-load -
+    # (1 - f) * free-before-load, so any memory another process (the trainer building its model,
+    # a second server) takes while this one loads is charged to it. f = 0.05 failed at start-up
+    # on a busy machine ("Loaded weights leave no GPU memory for the KV cache"); f = 0.3 leaves
+    # a wide margin, and --max-total-tokens caps what the pool really allocates.
+    "--mem-fraction-static", "0.3",
+    "--max-total-tokens", "131072",
 )
 
 CPU_SERVER_ENV: dict[str, str] = {

@@ -56,10 +56,8 @@ def test_kill_one_server_mid_rollout(policy, tmp_path):
 
     from drpo_megatron.models.tiny import prompt_ids
 
-    # SGLang sizes its KV pool from the RAM that disappeared while it loaded: other processes
-    # allocating meanwhile (the other server, other tests) count as "weights".  Headroom:
-    cfg = ServerConfig(startup_timeout_s=240, request_timeout_s=60,
-                       extra_args=["--mem-fraction-static", "0.25"])
+    # (the CPU server flags leave KV-pool headroom for the other server loading meanwhile)
+    cfg = ServerConfig(startup_timeout_s=240, request_timeout_s=60)
     servers = [SGLangServer(policy, cfg, tmp_path / "logs", name=f"sglang-{i}") for i in range(2)]
     actor = PerturbedActor(policy)
     try:

@@ -53,7 +53,7 @@ def policy():
 def server(policy, tmp_path_factory):
     logs = tmp_path_factory.mktemp("sglang-logs")
     # other processes allocating while the server loads count against its KV budget: headroom
-    cfg = ServerConfig(startup_timeout_s=240, extra_args=["--mem-fraction-static", "0.1"])
+    cfg = ServerConfig(startup_timeout_s=240)
     s = SGLangServer(policy, cfg, logs, name="sglang-t").start()
     try:
         s.wait_healthy()
