@@ -5,9 +5,9 @@ perturbation of the tiny policy; afterwards the server's greedy tokens and per-t
 a probe prompt must equal an independent Hugging Face fp32 forward of exactly the pushed weights
 (written to disk and loaded by ``from_pretrained``):
 
-* log-probs: ``max |log p_server - log p_HF| <= ATOL`` (bf16 server vs fp32 reference);
+* log-probs: ``max |log p_server - log p_HF| <= ATOL`` (fp32 server vs fp32 reference);
 * tokens: the server's greedy token is HF's argmax wherever HF's top-2 margin exceeds 2*ATOL
-  (closer calls may legitimately flip in bf16);
+  (closer calls may flip on op-order noise);
 * the check has teeth: the same probe against the *previous* version's weights fails.
 """
 
@@ -26,8 +26,8 @@ from drpo_megatron.weights.transport import build_transport, iter_buckets
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU SGLang server test")
 
-ATOL = 0.15  # bf16 server vs fp32 HF (measured up to 0.07 on sampled probe tokens); a stale or
-# partial update moves log-probs by O(1)
+ATOL = 0.15  # fp32 server vs fp32 HF: differences are op-order noise (~1e-5); a stale or partial
+# update moves log-probs by O(1)
 BUCKET_MB = 0.25  # the tiny model is ~4 MiB in bf16: many buckets
 
 
@@ -52,8 +52,10 @@ def policy():
 @pytest.fixture(scope="module")
 def server(policy, tmp_path_factory):
     logs = tmp_path_factory.mktemp("sglang-logs")
-    # other processes allocating while the server loads count against its KV budget: headroom
-    cfg = ServerConfig(startup_timeout_s=240)
+    # fp32 server (and so fp32 on the wire): it must then hold exactly the pushed numbers. In
+    # bf16 a near-tie in the MoE router can flip an expert and move one token's log-prob by
+    # ~0.3 with correct weights (seen once), which would make this test flaky.
+    cfg = ServerConfig(startup_timeout_s=240, dtype="float32")
     s = SGLangServer(policy, cfg, logs, name="sglang-t").start()
     try:
         s.wait_healthy()
