@@ -25,7 +25,6 @@ sides of a ratio.  CPU timings are process CPU time with glibc's heap trimming o
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import random
 import statistics
@@ -37,6 +36,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _malloc import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, mallopt  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from drpo_megatron.weights.fp8 import (dequantize_blockwise, fake_quantize_blockwise,  # noqa: E402
@@ -44,15 +46,7 @@ from drpo_megatron.weights.fp8 import (dequantize_blockwise, fake_quantize_block
 
 SECTION = "## FP8 blockwise quantizer"
 OPS = ("copy", "quantize", "fake-quant", "dequantize")
-M_TRIM_THRESHOLD = -1   # glibc mallopt parameters (malloc.h)
-M_MMAP_THRESHOLD = -3
 
-
-def _mallopt(param: int, value: int) -> None:
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(param, value)
-    except OSError:  # not glibc: measure with the platform allocator as it is
-        pass
 
 
 def workloads() -> dict[str, list[tuple[int, int]]]:
@@ -132,8 +126,8 @@ def main() -> None:
     args = ap.parse_args()
     cpu = not args.device.startswith("cuda")
     if cpu:
-        _mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
-        _mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+        mallopt(M_MMAP_THRESHOLD, 32 << 20)
     clock = time.process_time if cpu else time.perf_counter
 
     def sync() -> None:

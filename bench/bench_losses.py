@@ -23,7 +23,6 @@ the ratios. Memory is measured afterwards, in a fresh child process on CPU.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import random
@@ -34,24 +33,15 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _malloc import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, mallopt  # noqa: E402
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from drpo_megatron.algorithms import POLICY_LOSSES, aggregate_loss  # noqa: E402
 
 SEQ_LEN = 1024   # packed sequences of this many tokens (GSPO needs sequence ids)
 TOP_K = 20       # DPPO top-K default
 PAD_FRAC = 0.02  # masked tokens
-
-
-# glibc mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
-
-
-def _mallopt(param: int, value: int) -> None:
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(param, value)
-    except OSError:  # not glibc: measure with the platform allocator as it is
-        pass
 
 
 def make_inputs(T: int, device: str, seed: int = 0) -> dict:
@@ -143,7 +133,7 @@ def main() -> None:
     cpu = not args.device.startswith("cuda")
 
     if args.memory_child:
-        _mallopt(M_MMAP_THRESHOLD, 64 << 10)
+        mallopt(M_MMAP_THRESHOLD, 64 << 10)
         inp = make_inputs(args.tokens, args.device)
         for n in names:
             step(n, inp, extras_for(n, inp))
@@ -155,8 +145,8 @@ def main() -> None:
         # mapped (no trimming; mmap only above 32 MiB), so the timings measure the losses'
         # arithmetic rather than the kernel's page faults on every fresh 4 MB tensor (those made
         # repeated runs differ by 2x here).
-        _mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
-        _mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+        mallopt(M_MMAP_THRESHOLD, 32 << 20)
     # CPU: process CPU time (robust on a shared machine: time spent descheduled is not counted).
     # CUDA: wall time around synchronized calls.
     clock = time.process_time if cpu else time.perf_counter

@@ -363,42 +363,26 @@ def save_hf_checkpoint(
     model_chunks: Sequence[torch.nn.Module],
     out_dir: str | os.PathLike,
     *,
-    copy_from: Optional[str | os.PathLike] = None,
+    copy_from: str | os.PathLike,
+    precision: str = "bf16",
 ) -> Path:
-    """Write an HF checkpoint (config + safetensors + index) atomically; returns ``out_dir``.
+    """Write an HF checkpoint (config + safetensors) atomically; returns ``out_dir``.
 
-    Collective: all ranks call it, rank 0 writes into ``<out_dir>.tmp`` and renames it to
-    ``out_dir`` (replacing an existing one).  ``copy_from``: an HF directory whose extra files
-    (tokenizer, chat template, generation config ...) are copied when missing.
+    Collective: all ranks iterate the gathered tensors (:func:`export_hf_state_dict`), rank 0
+    writes through :func:`drpo_megatron.weights.hf_export.write_hf_checkpoint` (temporary
+    folder, then rename).  ``copy_from``: the source HF directory whose config.json and tokenizer
+    files are copied.  ``precision``: bf16 (as is) | fp8_emulated | fp8 (rollout layouts).
     """
     import torch.distributed as dist
 
-    out = Path(out_dir).resolve()
-    tmp = out.with_name(out.name + ".tmp")
+    from drpo_megatron.weights.hf_export import write_hf_checkpoint
+
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if rank0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
+    path = write_hf_checkpoint(export_hf_state_dict(bridge, model_chunks), out_dir,
+                               source_dir=copy_from, precision=precision, write=rank0)
     if dist.is_initialized():
         dist.barrier()
-    bridge.save_hf_pretrained(list(model_chunks), str(tmp), show_progress=False)
-    if rank0:
-        if copy_from is not None:
-            for src in Path(copy_from).iterdir():
-                if src.is_file() and not (tmp / src.name).exists() and not src.name.endswith(
-                        (".safetensors", ".bin", ".pt", ".safetensors.index.json")):
-                    shutil.copy2(src, tmp / src.name)
-        old = None
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
-    return out
+    return path
 
 
 # --------------------------------------------------------------------------------- optimizer

@@ -267,16 +267,8 @@ class MegatronActor:
         """Write the current weights as an HF checkpoint (safetensors + config + tokenizer),
         transformed for the rollout ``precision`` (see ``weights.hf_export``).  Collective under
         model parallelism: every rank iterates the gathered tensors, rank 0 writes."""
-        import torch.distributed as dist
-
-        from drpo_megatron.weights.hf_export import write_hf_checkpoint
-
-        rank0 = not dist.is_initialized() or dist.get_rank() == 0
-        path = write_hf_checkpoint(self._mm.export_hf_state_dict(self.bridge, self.model), out_dir,
-                                   source_dir=self.cfg.hf_path, precision=precision, write=rank0)
-        if dist.is_initialized():
-            dist.barrier()
-        return path
+        return self._mm.save_hf_checkpoint(self.bridge, self.model, out_dir,
+                                           copy_from=self.cfg.hf_path, precision=precision)
 
     def save_checkpoint(self, out_dir: str | Path, step: int,
                         extra_state: dict[str, Any] | None = None) -> Path:
