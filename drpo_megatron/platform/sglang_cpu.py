@@ -4,7 +4,17 @@ Fixes (each pinned by a test in ``tests/platform/test_sglang_cpu.py`` showing it
 
 1. ``torchvision_op_schemas`` (:mod:`drpo_megatron.platform.torchvision_ops`): torchvision's
    compiled ops do not load against the CPU torch wheel; SGLang imports it via transformers.
-2. ``sgl_kernel`` stand-in (``sglang_site/sgl_kernel``): see that module.
+2. ``sgl_kernel`` stand-in (``sglang_site/sgl_kernel``): see that module.  It also provides the
+   one kernel seeded sampling calls on CPU, ``murmur_hash32_cpu`` (our torch implementation).
+3. ``honour_sampling_seeds``: SGLang 0.5.23 uses a request's ``sampling_seed`` only under
+   ``--enable-deterministic-inference``, which rejects the ``torch_native`` attention backend and
+   installs Triton batch-invariant matmuls: on CPU the flag cannot start a server, so seeds were
+   silently ignored and every sample came from the server's global RNG (whose state depends on
+   everything the server sampled before: a restarted server, e.g. after a resume, drew different
+   samples).  The fix fills ``SamplingBatchInfo.sampling_seed`` from the requests, so SGLang's own
+   seeded Gumbel sampler (``multinomial_with_seed``) runs; requests without a seed get one drawn
+   from the server's RNG (same distribution as before).  min-p sampling is not supported with
+   seeds by SGLang (it asserts); drpo never sends min_p.
 
 Server flags that keep SGLang on pure-torch paths are in :data:`CPU_SERVER_ARGS`, its environment
 in :data:`CPU_SERVER_ENV`.
@@ -40,7 +50,67 @@ CPU_SERVER_ENV: dict[str, str] = {
     "SGLANG_USE_CPU_ENGINE": "1",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
+    # SGLang wraps its seeded sampler in torch.compile; on CPU inductor compiles it with g++ at
+    # the first sampled token (~30 s on a 2-core machine).  Eager runs the same torch ops.
+    "TORCHDYNAMO_DISABLE": "1",
 }
+
+SAMPLING_BATCH_INFO_MODULE = "sglang.srt.sampling.sampling_batch_info"
+
+
+def honour_sampling_seeds(module) -> None:
+    """Patch ``SamplingBatchInfo.from_schedule_batch`` (in ``module``, SGLang's
+    sampling_batch_info) so every batch carries per-request seeds (fix 3 of the module doc)."""
+    cls = module.SamplingBatchInfo
+    original = cls.from_schedule_batch.__func__
+    if getattr(original, "_drpo_seeded", False):
+        return
+
+    def from_schedule_batch(klass, batch, vocab_size):
+        info = original(klass, batch, vocab_size)
+        if info.sampling_seed is None:
+            seeds = []
+            for r in batch.reqs:
+                sp = r.sampling_params
+                if sp.sampling_seed is None:  # drawn once per request: stable across its decode
+                    sp.sampling_seed = int(torch.randint(0, 2**31 - 1, ()).item())
+                seeds.append(sp.sampling_seed)
+            info.sampling_seed = torch.tensor(seeds, dtype=torch.int64,
+                                              device=info.temperatures.device)
+        return info
+
+    from_schedule_batch._drpo_seeded = True
+    cls.from_schedule_batch = classmethod(from_schedule_batch)
+
+
+def after_import(module_name: str, hook) -> None:
+    """Run ``hook(module)`` once ``module_name`` has been imported (now, if it already is)."""
+    import importlib.abc
+    import importlib.util
+    import sys
+
+    if module_name in sys.modules:
+        hook(sys.modules[module_name])
+        return
+
+    class _Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path, target=None):
+            if fullname != module_name:
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(fullname)
+            if spec is None or spec.loader is None:
+                return spec
+            exec_module = spec.loader.exec_module
+
+            def exec_and_hook(mod):
+                exec_module(mod)
+                hook(mod)
+
+            spec.loader.exec_module = exec_and_hook
+            return spec
+
+    sys.meta_path.insert(0, _Finder())
 
 
 

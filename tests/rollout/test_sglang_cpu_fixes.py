@@ -65,3 +65,87 @@ def test_server_env_and_args_on_cpu():
     assert env["SGLANG_USE_CPU_ENGINE"] == "1"
     args = sglang_cpu.server_args()
     assert args[args.index("--device") + 1] == "cpu"
+
+
+def _murmur3_x86_32(data: bytes, seed: int = 0) -> int:
+    """Textbook MurmurHash3_x86_32 on a byte string (scalar python ints)."""
+    c1, c2, m32 = 0xCC9E2D51, 0x1B873593, 0xFFFFFFFF
+    rotl = lambda x, r: ((x << r) | (x >> (32 - r))) & m32  # noqa: E731
+    h = seed
+    for i in range(0, len(data) // 4 * 4, 4):
+        k = int.from_bytes(data[i:i + 4], "little")
+        k = rotl((k * c1) & m32, 15) * c2 & m32
+        h = (rotl(h ^ k, 13) * 5 + 0xE6546B64) & m32
+    assert len(data) % 4 == 0
+    h ^= len(data)
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & m32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & m32
+    return h ^ (h >> 16)
+
+
+def test_sgl_kernel_stub_murmur_hash_matches_murmur3():
+    """The stand-in's murmur_hash32_cpu = MurmurHash3_x86_32 of (seed as u64, position as u32,
+    column as u32) little-endian, SGLang's definition, for seeds/positions/ids over full ranges."""
+    import struct
+
+    sys.path.insert(0, str(sglang_cpu.SITE_DIR))
+    try:
+        import sgl_kernel  # noqa: F401  (registers the op)
+
+        g = torch.Generator().manual_seed(0)
+        seeds = torch.cat([torch.tensor([0, 1, 2**31 - 1, 2**40 + 5]),
+                           torch.randint(0, 2**62, (4,), generator=g)])
+        pos = torch.cat([torch.tensor([0, 1, 7, 2**31 - 1]),
+                         torch.randint(0, 2**31, (4,), generator=g)])
+        cols = torch.cat([torch.tensor([0, 1, 151_935]), torch.randint(0, 2**31, (5,), generator=g)])
+        got = torch.ops.sgl_kernel.murmur_hash32_cpu.default(seeds, pos, cols)
+        assert got.dtype == torch.uint32 and got.shape == (8, 8)
+        for i in range(8):
+            for j in range(8):
+                data = struct.pack("<QII", int(seeds[i]), int(pos[i]), int(cols[j]))
+                assert int(got[i, j].to(torch.int64)) == _murmur3_x86_32(data), (i, j)
+    finally:
+        sys.path.remove(str(sglang_cpu.SITE_DIR))
+        sys.modules.pop("sgl_kernel", None)
+
+
+@pytest.mark.slow
+def test_sampling_seed_reproducible_across_server_history(tmp_path):
+    """A seeded request gives the same tokens and log-probs on a fresh server and on a server
+    that sampled other requests before (the resume case); without the fix SGLang 0.5.23 on CPU
+    ignores ``sampling_seed`` and samples from its global RNG."""
+    from drpo_megatron.config import ModelConfig, TaskConfig
+    from drpo_megatron.models.tiny import ensure_tiny_checkpoint
+    from drpo_megatron.rollout.server import ServerConfig, SGLangServer
+
+    m = ModelConfig()
+    policy = ensure_tiny_checkpoint(m.cache_dir, m.tiny, max_operand=TaskConfig().max_operand,
+                                    show_progress=False)
+    from transformers import AutoTokenizer
+
+    from drpo_megatron.models.tiny import prompt_ids
+
+    prompt = [prompt_ids(AutoTokenizer.from_pretrained(str(policy)), "What is 3 + 4?")] * 3
+    # temperature 2: the warm-started policy is confident, seeds must visibly matter
+    params = [{"n": 1, "temperature": 2.0, "max_new_tokens": 12, "sampling_seed": s}
+              for s in (11, 12, 13)]
+
+    def draw(server):
+        outs = server.generate(prompt, params, return_logprob=True)
+        return [(o["output_ids"], [e[0] for e in o["meta_info"]["output_token_logprobs"]])
+                for o in outs]
+
+    cfg = ServerConfig(startup_timeout_s=240, request_timeout_s=120)
+    with SGLangServer(policy, cfg, tmp_path, name="first").start() as s:
+        s.wait_healthy()
+        fresh = draw(s)
+        s.generate(prompt, {"n": 4, "temperature": 1.0, "max_new_tokens": 12})  # unseeded history
+        again = draw(s)
+    with SGLangServer(policy, cfg, tmp_path, name="second").start() as s:
+        s.wait_healthy()
+        s.generate(prompt[:1], {"n": 2, "temperature": 1.0, "max_new_tokens": 7})
+        restarted = draw(s)
+    assert len({tuple(ids) for ids, _ in fresh}) > 1  # distinct seeds, distinct samples
+    assert again == fresh and restarted == fresh

@@ -35,3 +35,67 @@ def __getattr__(name: str):
     if name.startswith("__"):
         raise AttributeError(name)
     return _KernelUnavailable(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The one real kernel: SGLang's seeded sampling (``multinomial_with_seed``, used when a request
+# carries ``sampling_seed``) hashes (seed, position, token id) with MurmurHash3 and, on a CPU
+# tensor, calls ``torch.ops.sgl_kernel.murmur_hash32_cpu`` from the real wheel.  This is our own
+# torch implementation of the same function (MurmurHash3 x86_32 over four 4-byte blocks: seed low
+# word, seed high word, position, column; length 16; see SGLang's Triton kernel
+# ``sglang/kernels/ops/sampling/murmur_hash.py`` for the definition it must match).
+# tests/rollout/test_sglang_cpu_fixes.py checks it bit for bit against a scalar reference.
+import torch as _torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _rotl32(x, r: int):
+    return ((x << r) | (x >> (32 - r))) & _MASK32
+
+
+def _mix(h, k):
+    k = (k * 0xCC9E2D51) & _MASK32  # int64 products wrap mod 2**64: the low 32 bits are exact
+    k = (_rotl32(k, 15) * 0x1B873593) & _MASK32
+    h = _rotl32(h ^ k, 13)
+    return (h * 5 + 0xE6546B64) & _MASK32
+
+
+def _fmix32(h):
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _MASK32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
+def murmur_hash32_reference(seed: _torch.Tensor, positions: _torch.Tensor,
+                            col_indices: _torch.Tensor) -> _torch.Tensor:
+    """[n] seeds (int64, read as uint64), [n] positions, [m] column ids -> [n, m] uint32."""
+    s = seed.to(_torch.int64)
+    h = _mix(_torch.zeros_like(s), s & _MASK32)
+    h = _mix(h, (s >> 32) & _MASK32)
+    h = _mix(h, positions.to(_torch.int64) & _MASK32)                    # [n]
+    cols = col_indices.to(_torch.int64) & _MASK32                         # [m]
+    h = _mix(h[:, None], cols[None, :])                                   # [n, m]
+    return _fmix32(h ^ 16).to(_torch.uint32)
+
+
+def _murmur_fake(seed, positions, col_indices):
+    return seed.new_empty((seed.shape[0], col_indices.shape[0]), dtype=_torch.uint32)
+
+
+def _register() -> None:
+    try:  # a re-import of this module in the same process (tests) must not define it twice
+        _torch.ops.sgl_kernel.murmur_hash32_cpu
+        return
+    except (AttributeError, RuntimeError):
+        pass
+    lib = _torch.library.Library("sgl_kernel", "FRAGMENT")
+    lib.define("murmur_hash32_cpu(Tensor seed, Tensor positions, Tensor col_indices) -> Tensor")
+    lib.impl("murmur_hash32_cpu", murmur_hash32_reference, "CPU")
+    _torch.library.register_fake("sgl_kernel::murmur_hash32_cpu", _murmur_fake, lib=lib)
+    globals()["_LIB"] = lib  # the registration lives as long as the Library object
+
+
+_register()
