@@ -124,6 +124,24 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 16
+    # DAPO dynamic sampling (drpo_megatron/rollout/sampling.py, docs/rollout.md): drop prompt
+    # groups whose final rewards are all equal (zero advantage) and keep generating from the next
+    # prompts until prompts_per_step groups remain; each round asks for
+    # ceil(oversample_factor * groups still missing) prompts (the factor applies only with the
+    # filter).  After max_rounds rounds (0 = no limit) on_exhausted decides: "raise" (stop the
+    # run with the counts) or "fill" (top up with all-equal groups, logged as filled_groups).
+    dynamic_filter: bool = False
+    oversample_factor: float = 1.0
+    max_rounds: int = 8
+    on_exhausted: str = "raise"
+    # Responses cut at max_new_tokens (finish_reason "length"): "keep" trains on them as they are;
+    # "filter" excludes them from the loss (their reward still enters the group baseline);
+    # "penalty" adds DAPO's soft overlong punishment to every response's reward: 0 up to
+    # max_new_tokens - overlong_buffer tokens, then linearly down to -overlong_penalty at
+    # max_new_tokens.
+    overlong: str = "keep"
+    overlong_buffer: int = 4
+    overlong_penalty: float = 1.0
     weight_transport: str = "disk"
     # Weights the server runs: bf16 | fp8_emulated (CPU stand-in for FP8 rollouts: 128x128
     # blockwise e4m3 quantize-dequantize at every sync) | fp8 (real FP8 checkpoint; GPU servers).
@@ -313,6 +331,12 @@ def validate(cfg: RunConfig) -> None:
     r, o, t, l = cfg.rollout, cfg.optim, cfg.train, cfg.loss
     positive("rollout.prompts_per_step", r.prompts_per_step)
     positive("rollout.max_new_tokens", r.max_new_tokens)
+    from drpo_megatron.rollout.sampling import check_sampling_config
+
+    try:
+        check_sampling_config(r)  # dynamic_filter / oversample / overlong fields
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     if r.samples_per_prompt < 2:
         raise ConfigError(f"rollout.samples_per_prompt={r.samples_per_prompt} must be >= 2: group "
                           "advantages need at least two samples per prompt")

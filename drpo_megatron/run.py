@@ -66,17 +66,51 @@ class Components:
     _old_logp: Any = None
 
     # -------------------------------------------------------------- loop steps
-    def rollout(self, prompts, answers, *, version: int, step: int | None = None) -> list[Sample]:
+    def rollout(self, prompts, answers, *, version: int, step: int | None = None,
+                first_group: int = 0) -> list[Sample]:
+        """``samples_per_prompt`` samples of each prompt, group-major, group ids from
+        ``first_group`` (the step-local index of ``prompts[0]``: seeds stay distinct across
+        dynamic-sampling rounds); with µ's top-K log-probs when the loss needs them."""
         r = self.cfg.rollout
         if step is not None and self.cfg.train.seeded_rollouts:
             return seeded_generate_groups(self.servers[0], prompts, answers, n=r.samples_per_prompt,
                                           temperature=r.temperature, top_p=r.top_p,
                                           max_new_tokens=r.max_new_tokens,
-                                          seed=self.cfg.train.seed, step=step)
+                                          seed=self.cfg.train.seed, step=step,
+                                          first_group=first_group, top_k=self.rollout_top_k)
         samples = generate_groups(self.servers[0], prompts, answers, n=r.samples_per_prompt,
                                   temperature=r.temperature, top_p=r.top_p,
-                                  max_new_tokens=r.max_new_tokens)
+                                  max_new_tokens=r.max_new_tokens, first_group_id=first_group,
+                                  top_k=self.rollout_top_k)
         return samples
+
+    def generate_and_score(self, step: int) -> tuple[list[Sample], dict[str, float]]:
+        """Boxes 1 + 2 of the loop as one call: generate from the next prompts, reward, apply
+        ``rollout.overlong`` and, with ``rollout.dynamic_filter``, repeat until
+        ``prompts_per_step`` groups with non-equal rewards are collected
+        (:func:`drpo_megatron.rollout.sampling.generate_scored_groups`).  Returns the samples
+        (group-major, group ids 0..) and the ``rollout/`` + ``perf/`` sampling metrics."""
+        from drpo_megatron.rollout.sampling import generate_scored_groups
+
+        return generate_scored_groups(
+            self.cfg.rollout, next_prompts=lambda k: next_prompts(self, k), score=self.score,
+            generate=lambda p, a, first: self.rollout(p, a, version=step - 1, step=step,
+                                                      first_group=first))
+
+    @property
+    def rollout_top_k(self) -> int:
+        """K of µ's top-K log-probs to request: the loss's ``top_k`` when it needs them
+        (``LOSS_EXTRAS`` has ``topk_logp``: DPPO top-K), else 0."""
+        from drpo_megatron.algorithms import make_loss_config
+        from drpo_megatron.algorithms.losses import LOSS_EXTRAS
+
+        if "topk_logp" not in LOSS_EXTRAS.get(self.cfg.loss.name, ()):
+            return 0
+        k = int(make_loss_config(self.cfg.loss.name, self.cfg.loss.params).top_k)
+        if k > len(self.tokenizer):
+            raise ValueError(f"loss.params.top_k={k} exceeds the vocabulary ({len(self.tokenizer)} "
+                             "tokens): SGLang's scheduler dies on it; lower top_k")
+        return k
 
     def record(self, step: int, samples: Sequence[Sample]) -> None:
         """Append the step's samples (ids, µ, reward, advantage, version) to rollouts.jsonl."""
@@ -86,7 +120,8 @@ class Components:
                                      "response_ids": s.response_ids, "rollout_logp": s.rollout_logp,
                                      "text": s.text, "answer": s.answer, "reward": s.reward,
                                      "advantage": s.advantage, "finish_reason": s.finish_reason,
-                                     "weight_version": s.weight_version}) + "\n")
+                                     "weight_version": s.weight_version, "in_loss": s.in_loss,
+                                     "meta": s.meta}) + "\n")
 
     def score(self, samples: Sequence[Sample]) -> None:
         for s in samples:
@@ -194,11 +229,13 @@ def sampling_seed(seed: int, step: int, group: int, sample: int) -> int:
 
 
 def seeded_generate_groups(server, prompts, answers, *, n: int, temperature: float, top_p: float,
-                           max_new_tokens: int, seed: int, step: int) -> list[Sample]:
+                           max_new_tokens: int, seed: int, step: int, first_group: int = 0,
+                           top_k: int = 0) -> list[Sample]:
     """Like ``generate_groups`` (group-major, ``len(prompts) * n`` samples) with one request
     per sample, each with its own ``sampling_seed``: SGLang seeds a request's sampling by
     (seed, position), so the n samples of a prompt must not share one seed (they would be
-    identical)."""
+    identical).  ``first_group``: step-local index of ``prompts[0]`` (its group id and seed
+    index); ``top_k`` > 0 also requests µ's top-K log-probs."""
     from drpo_megatron.rollout.engine import parse_sample
     from drpo_megatron.rollout.server import ServerError
 
@@ -208,13 +245,14 @@ def seeded_generate_groups(server, prompts, answers, *, n: int, temperature: flo
             ids.append(list(p))
             params.append({"n": 1, "temperature": temperature, "top_p": top_p,
                            "max_new_tokens": max_new_tokens,
-                           "sampling_seed": sampling_seed(seed, step, g, k)})
-    outs = server.generate(ids, params, return_logprob=True)
+                           "sampling_seed": sampling_seed(seed, step, first_group + g, k)})
+    outs = server.generate(ids, params, return_logprob=True, top_logprobs_num=top_k)
     if len(outs) != len(ids):
         raise ServerError(f"{server.name}: /generate returned {len(outs)} outputs for "
                           f"{len(ids)} seeded requests")
-    return [parse_sample(out, group_id=i // n, prompt_ids=prompts[i // n], answer=answers[i // n],
-                         server_name=server.name) for i, out in enumerate(outs)]
+    return [parse_sample(out, group_id=first_group + i // n, prompt_ids=prompts[i // n],
+                         answer=answers[i // n], server_name=server.name, top_k=top_k)
+            for i, out in enumerate(outs)]
 
 
 def next_prompts(c: Components, k: int) -> tuple[list[list[int]], list[str]]:

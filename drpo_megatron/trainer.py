@@ -59,17 +59,16 @@ def train(cfg: RunConfig) -> dict[str, float]:
             t_step = time.time()
             metrics: dict[str, float] = {}
 
-            # 1. generate: n samples per prompt from SGLang, with per-token log-probs µ
-            t0 = time.time()
-            prompts, answers = next_prompts(c, cfg.rollout.prompts_per_step)
-            samples = c.rollout(prompts, answers, version=step - 1, step=step)
-            metrics["perf/rollout_time_s"] = time.time() - t0
+            # 1. generate: n samples per prompt from SGLang, with per-token log-probs µ, and
+            # 2. reward them (math-verify on \boxed{} answers; rollout.overlong): one call,
+            #    because dynamic sampling (rollout.dynamic_filter) generates more prompts until
+            #    enough groups have non-equal rewards; it times both parts
+            #    (perf/rollout_time_s, perf/reward_time_s)
+            samples, sampling_metrics = c.generate_and_score(step)
+            metrics.update(sampling_metrics)
 
-            # 2. reward (math-verify on \boxed{} answers) and 3. group advantages
-            t0 = time.time()
-            c.score(samples)
+            # 3. group advantages
             c.assign_advantages(samples)
-            metrics["perf/reward_time_s"] = time.time() - t0
             metrics.update(c.rollout_metrics(samples, current_version=step - 1))
             c.record(step, samples)
 

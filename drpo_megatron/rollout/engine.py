@@ -4,6 +4,12 @@ A *group* is the ``n`` samples of one prompt (GRPO-style advantages are computed
 SGLang returns, for each sample, the generated token ids and ``meta_info.output_token_logprobs``
 = ``[[logprob, token_id, text|None], ...]``: the log-probability of each sampled token under the
 engine's sampling distribution (logits / temperature).  These are the anchor µ of the loss.
+
+Losses that need the engine's top-K distribution (``LOSS_EXTRAS[name]`` has ``topk_logp``: DPPO
+top-K) request ``top_logprobs_num = K``; SGLang 0.5.23 then returns
+``meta_info.output_top_logprobs`` = per generated position a list of K ``[logprob, token_id,
+text|None]`` sorted by log-prob (same tempered distribution as ``output_token_logprobs``; checked
+on a real server).  K must not exceed the vocabulary: SGLang's scheduler dies on it.
 """
 
 from __future__ import annotations
@@ -29,6 +35,12 @@ class Sample:
     answer: str = ""
     reward: float = 0.0
     advantage: float = 0.0
+    # False: the sample is excluded from the loss and its denominators (rollout.overlong: filter);
+    # its reward still enters its group's advantage baseline.
+    in_loss: bool = True
+    # µ's top-K per response token (only when the loss needs them): [len(response_ids)][K]
+    topk_ids: list[list[int]] | None = None
+    topk_logp: list[list[float]] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -37,8 +49,10 @@ class Sample:
 
 
 def parse_sample(out: Any, *, group_id: int, prompt_ids: list[int], answer: str,
-                 server_name: str) -> Sample:
+                 server_name: str, top_k: int = 0) -> Sample:
     """Validate one ``/generate`` output and turn it into a :class:`Sample`.
+
+    ``top_k`` > 0: also parse ``meta_info.output_top_logprobs`` (K entries per response token).
 
     Raises :class:`ServerError` naming what is missing or inconsistent (a truncated or malformed
     response must never reach the loss silently).
@@ -62,6 +76,10 @@ def parse_sample(out: Any, *, group_id: int, prompt_ids: list[int], answer: str,
             raise ServerError(f"{where}: log-prob entry {i} {entry!r} does not match token {tok}")
         v = entry[0]
         logp.append(float("nan") if v is None else float(v))  # non-finite: dropped by the loss
+    topk_ids = topk_logp = None
+    if top_k:
+        topk_ids, topk_logp = _parse_top_logprobs(meta.get("output_top_logprobs"), len(ids), top_k,
+                                                  where)
     finish = meta.get("finish_reason") or {}
     return Sample(
         group_id=group_id,
@@ -72,18 +90,52 @@ def parse_sample(out: Any, *, group_id: int, prompt_ids: list[int], answer: str,
         finish_reason=str(finish.get("type", "unknown")) if isinstance(finish, dict) else str(finish),
         weight_version=str(meta.get("weight_version", "")),
         answer=answer,
+        topk_ids=topk_ids,
+        topk_logp=topk_logp,
     )
+
+
+def _parse_top_logprobs(top: Any, n_tokens: int, k: int, where: str):
+    if not isinstance(top, list):
+        raise ServerError(f"{where} lacks meta_info.output_top_logprobs; was top_logprobs_num={k} "
+                          "sent with return_logprob?")
+    if len(top) != n_tokens:
+        raise ServerError(f"{where} has {n_tokens} output_ids but {len(top)} top-K log-prob "
+                          "positions (truncated response)")
+    ids: list[list[int]] = []
+    lps: list[list[float]] = []
+    for i, row in enumerate(top):
+        if not isinstance(row, list) or len(row) != k:
+            got = len(row) if isinstance(row, list) else type(row).__name__
+            raise ServerError(f"{where}: top-K log-probs at position {i} hold {got} entries, "
+                              f"expected top_logprobs_num={k}")
+        row_ids, row_lps = [], []
+        for entry in row:
+            if (not isinstance(entry, (list, tuple)) or len(entry) < 2
+                    or not isinstance(entry[1], int) or isinstance(entry[1], bool) or entry[1] < 0
+                    or not (entry[0] is None or isinstance(entry[0], (int, float)))):
+                raise ServerError(f"{where}: top-K log-prob entry {entry!r} at position {i} is not "
+                                  "[logprob, token_id, text]")
+            row_ids.append(int(entry[1]))
+            row_lps.append(float("nan") if entry[0] is None else float(entry[0]))
+        ids.append(row_ids)
+        lps.append(row_lps)
+    return ids, lps
 
 
 def generate_groups(server: SGLangServer, prompts: Sequence[list[int]], answers: Sequence[str], *,
                     n: int, temperature: float, top_p: float, max_new_tokens: int,
-                    seed: int | None = None, first_group_id: int = 0) -> list[Sample]:
-    """Generate ``n`` samples for each prompt; returns ``len(prompts) * n`` samples, group-major."""
+                    seed: int | None = None, first_group_id: int = 0,
+                    top_k: int = 0) -> list[Sample]:
+    """Generate ``n`` samples for each prompt; returns ``len(prompts) * n`` samples, group-major.
+
+    ``top_k`` > 0 also requests and validates µ's top-K log-probs per response token."""
     params: dict[str, Any] = {"n": n, "temperature": temperature, "top_p": top_p,
                               "max_new_tokens": max_new_tokens}
     if seed is not None:
         params["sampling_seed"] = seed
-    outs = server.generate([list(p) for p in prompts], params, return_logprob=True)
+    outs = server.generate([list(p) for p in prompts], params, return_logprob=True,
+                           top_logprobs_num=top_k)
     expected = len(prompts) * n
     if len(outs) != expected:
         raise ServerError(f"{server.name}: /generate returned {len(outs)} outputs for "
@@ -92,7 +144,7 @@ def generate_groups(server: SGLangServer, prompts: Sequence[list[int]], answers:
     for i, out in enumerate(outs):
         g = i // n
         samples.append(parse_sample(out, group_id=first_group_id + g, prompt_ids=prompts[g],
-                                    answer=answers[g], server_name=server.name))
+                                    answer=answers[g], server_name=server.name, top_k=top_k))
     return samples
 
 

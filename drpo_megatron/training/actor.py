@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import torch
 
 from drpo_megatron.algorithms import POLICY_LOSSES, aggregate_loss, make_loss_config, reduce_metrics
+from drpo_megatron.algorithms.losses import LOSS_EXTRAS
 from drpo_megatron.rollout.engine import Sample
 from drpo_megatron.training.batch import MicroBatch, causal_attention_mask, pack_samples
 
@@ -100,6 +101,9 @@ class MegatronActor:
             adam_betas=cfg.adam_betas, use_distributed_optimizer=cfg.use_distributed_optimizer)
         self._mm = mm
         self._entropy: dict[int, torch.Tensor] = {}
+        # DPPO top-K: the loss needs µ's top-K log-probs and π's at the same ids (LOSS_EXTRAS)
+        self._needs_topk = "topk_logp" in LOSS_EXTRAS.get(cfg.loss_name, ())
+        self._topk: dict[int, torch.Tensor] = {}
         log.info("actor ready: %s, %.2fM params, %.1fs", cfg.loss_name,
                  sum(p.numel() for m in self.model for p in m.parameters()) / 1e6, time.time() - t0)
 
@@ -140,10 +144,14 @@ class MegatronActor:
             hidden = copy_to_tensor_model_parallel_region(hidden, group=tp_group)
         sel = mb.loss_mask
         h = hidden.transpose(0, 1)[sel]                                # [N, H], (b, s) order
-        logp, entropy = vocab_parallel_logprobs(
+        extra = {} if mb.topk_ids is None else {"extra_ids": mb.topk_ids[sel]}
+        logp, entropy, *topk = vocab_parallel_logprobs(
             h, weight, mb.targets[sel], temperature=self.cfg.temperature,
-            chunk_size=self.cfg.logprob_chunk_size, group=tp_group, reduce_hidden_grad=False)
+            chunk_size=self.cfg.logprob_chunk_size, group=tp_group, reduce_hidden_grad=False,
+            **extra)
         self._entropy[id(mb)] = entropy
+        if topk:  # π's log-probs at µ's top-K ids [N, K] (DPPO top-K), same chunked pass
+            self._topk[id(mb)] = topk[0]
         out = torch.zeros(sel.shape, dtype=torch.float32, device=logp.device)
         return out.masked_scatter(sel, logp)
 
@@ -196,7 +204,20 @@ class MegatronActor:
 
         ``anchor_logp``: per-sample anchor log-probs replacing the rollout's µ (the recomputed
         π_old anchor); None = anchor on the rollout engine's log-probs.
+
+        Samples with ``in_loss`` False (``rollout.overlong: filter``) are masked out of the loss
+        and its token / sequence denominators.  Top-K losses (DPPO top-K) get their extras:
+        ``topk_logp`` = µ's top-K log-probs from the engine, ``topk_logp_policy`` = π's
+        log-probs at the same ids (computed in the chunked vocab-parallel log-prob pass),
+        ``sampled_in_topk``.
         """
+        if self._needs_topk and anchor_logp is not None:
+            raise ValueError(f"loss {self.cfg.loss_name!r} with the old_policy anchor: the top-K "
+                             "buckets come from the rollout engine (µ); π_old's top-K is not "
+                             "computed. Use the rollout anchor for top-K losses")
+        if self._needs_topk and self.cfg.logprob_impl != "chunked":
+            raise ValueError(f"loss {self.cfg.loss_name!r} needs logprob_impl='chunked' (the "
+                             "top-K policy log-probs are computed in the chunked pass)")
         if anchor_logp is not None:
             samples = [Sample(**{**s.__dict__, "rollout_logp": a.tolist()})
                        for s, a in zip(samples, anchor_logp)]
@@ -211,7 +232,7 @@ class MegatronActor:
         first = dp_rank * per_rank
         local = samples[first: first + per_rank]
         mbs = [pack_samples(local[i: i + self.cfg.micro_batch_size], pad_id=pad_id, seq_len=width,
-                            first_seq_id=first + i)
+                            first_seq_id=first + i, with_topk=self._needs_topk)
                for i in range(0, len(local), self.cfg.micro_batch_size)]
         num_mb = len(mbs)
         # global denominators: all micro-batches of all data-parallel ranks of this step
@@ -221,10 +242,16 @@ class MegatronActor:
         def loss_func(mb: MicroBatch, logp_full: torch.Tensor):
             m = mb.loss_mask
             logp = logp_full[m]
+            in_loss = mb.train_mask[m]  # False: tokens of samples excluded (overlong: filter)
+            extra = {}
+            if self._needs_topk:
+                ids = mb.topk_ids[m]
+                extra = {"topk_logp": mb.topk_logp[m], "topk_logp_policy": self._topk.pop(id(mb)),
+                         "sampled_in_topk": (ids == mb.targets[m].unsqueeze(-1)).any(-1)}
             per_token, metrics = self.loss_fn(
-                logp, mb.rollout_logp[m], mb.advantages[m], torch.ones_like(logp, dtype=torch.bool),
-                self.loss_cfg, seq_ids=mb.seq_ids[m])
-            loss = aggregate_loss(per_token, torch.ones_like(logp, dtype=torch.bool),
+                logp, mb.rollout_logp[m], mb.advantages[m], in_loss,
+                self.loss_cfg, seq_ids=mb.seq_ids[m], **extra)
+            loss = aggregate_loss(per_token, in_loss,
                                   self.cfg.aggregation, seq_ids=mb.seq_ids[m],
                                   global_num_tokens=global_tokens, global_num_seqs=global_seqs,
                                   horizon=self.cfg.horizon)
@@ -244,6 +271,7 @@ class MegatronActor:
         self.optimizer.zero_grad()
         reports = self._run(forward_step, mbs, width, forward_only=False)
         self._entropy.clear()
+        self._topk.clear()
         ok, grad_norm, _ = self.optimizer.step()
         out = _merge_reports(reports)
         # the step loss on every rank: sum over PP stages (only the last has it) and DP ranks

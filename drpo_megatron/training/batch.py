@@ -13,6 +13,12 @@ Layout (documented choice: right padding, one sequence per row, no packing):
 - ``advantages``    [B, S] fp32: the sample's advantage broadcast over its response tokens.
 - ``seq_ids``       [B, S] int64: a step-global sequence index (for sequence-level losses and
   seq-mean aggregation); -1 on padding.
+- ``train_mask``    [B, S] bool: ``loss_mask`` without the samples excluded from the loss
+  (``Sample.in_loss`` False: ``rollout.overlong: filter``); the loss and its denominators use it,
+  log-probs are still computed on all of ``loss_mask``.
+- ``seq_in_loss``   [B] bool: the row's sample is in the loss (sequence denominators).
+- ``topk_ids`` / ``topk_logp`` [B, S, K] int64 / fp32: µ's top-K ids and log-probs of each
+  response token (DPPO top-K) where ``loss_mask``, 0 elsewhere; only with ``with_topk``.
 """
 
 from __future__ import annotations
@@ -34,19 +40,33 @@ class MicroBatch:
     rollout_logp: torch.Tensor
     advantages: torch.Tensor
     seq_ids: torch.Tensor
+    train_mask: torch.Tensor | None = None
+    seq_in_loss: torch.Tensor | None = None
+    topk_ids: torch.Tensor | None = None
+    topk_logp: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.train_mask is None:
+            self.train_mask = self.loss_mask
+        if self.seq_in_loss is None:
+            self.seq_in_loss = torch.ones(self.loss_mask.shape[0], dtype=torch.bool)
 
     @property
     def num_tokens(self) -> int:
-        return int(self.loss_mask.sum())
+        """Tokens in the loss (its token denominators)."""
+        return int(self.train_mask.sum())
 
     @property
     def num_seqs(self) -> int:
-        return int((self.seq_ids.max(dim=1).values >= 0).sum())
+        """Sequences in the loss (its sequence denominators)."""
+        return int(((self.seq_ids.max(dim=1).values >= 0) & self.seq_in_loss).sum())
 
 
 def pack_samples(samples: Sequence[Sample], *, pad_id: int, seq_len: int | None = None,
-                 first_seq_id: int = 0) -> MicroBatch:
-    """Pack ``samples`` into one micro-batch of width ``seq_len`` (default: the longest sample)."""
+                 first_seq_id: int = 0, with_topk: bool = False) -> MicroBatch:
+    """Pack ``samples`` into one micro-batch of width ``seq_len`` (default: the longest sample).
+
+    ``with_topk``: also pack µ's top-K ids / log-probs (every sample must carry them)."""
     lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
     width = seq_len if seq_len is not None else max(lengths)
     if max(lengths) > width:
@@ -58,6 +78,16 @@ def pack_samples(samples: Sequence[Sample], *, pad_id: int, seq_len: int | None 
     rollout_logp = torch.zeros((b, width), dtype=torch.float32)
     advantages = torch.zeros((b, width), dtype=torch.float32)
     seq_ids = torch.full((b, width), -1, dtype=torch.long)
+    seq_in_loss = torch.tensor([bool(s.in_loss) for s in samples], dtype=torch.bool)
+    topk_ids = topk_logp = None
+    if with_topk:
+        if any(s.topk_ids is None or s.topk_logp is None for s in samples):
+            raise ValueError("pack_samples: the loss needs the rollout engine's top-K log-probs but "
+                             "a sample carries none (they are requested when LOSS_EXTRAS of the "
+                             "loss lists topk_logp: Components.rollout_top_k)")
+        k = len(next((row for s in samples for row in s.topk_ids), []))
+        topk_ids = torch.zeros((b, width, k), dtype=torch.long)
+        topk_logp = torch.zeros((b, width, k), dtype=torch.float32)
     for i, s in enumerate(samples):
         seq = s.prompt_ids + s.response_ids
         p, r = len(s.prompt_ids), len(s.response_ids)
@@ -68,8 +98,20 @@ def pack_samples(samples: Sequence[Sample], *, pad_id: int, seq_len: int | None 
         rollout_logp[i, sl] = torch.tensor(s.rollout_logp, dtype=torch.float32)
         advantages[i, sl] = float(s.advantage)
         seq_ids[i, : len(seq)] = first_seq_id + i
+        if topk_ids is not None and r:
+            ids = torch.tensor(s.topk_ids, dtype=torch.long)
+            lps = torch.tensor(s.topk_logp, dtype=torch.float32)
+            if ids.shape != (r, topk_ids.shape[2]) or lps.shape != ids.shape:
+                raise ValueError(f"pack_samples: sample {i} has top-K ids {tuple(ids.shape)} and "
+                                 f"log-probs {tuple(lps.shape)}, expected ({r}, "
+                                 f"{topk_ids.shape[2]}) (one row of K per response token)")
+            topk_ids[i, sl] = ids
+            topk_logp[i, sl] = lps
     position_ids = torch.arange(width, dtype=torch.long).unsqueeze(0).expand(b, -1).contiguous()
-    return MicroBatch(tokens, position_ids, targets, loss_mask, rollout_logp, advantages, seq_ids)
+    train_mask = loss_mask & seq_in_loss.unsqueeze(1)
+    return MicroBatch(tokens, position_ids, targets, loss_mask, rollout_logp, advantages, seq_ids,
+                      train_mask=train_mask, seq_in_loss=seq_in_loss, topk_ids=topk_ids,
+                      topk_logp=topk_logp)
 
 
 def causal_attention_mask(seq_len: int) -> torch.Tensor:

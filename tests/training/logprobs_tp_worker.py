@@ -3,7 +3,8 @@
 ``python -m torch.distributed.run --nproc-per-node 2 logprobs_tp_worker.py OUT_JSON``: every
 rank holds its half of the LM-head rows; rank 0 compares logp / entropy / grads (hidden, and
 the weight gathered from both shards) with the same function at TP=1 and with the naive
-full-vocab reference, and writes the max errors.
+full-vocab reference, and writes the max errors.  Both runs also ask for the log-probs at K
+extra ids per row (``extra_ids``: DPPO top-K's policy log-probs), ids from both vocab shards.
 """
 
 from __future__ import annotations
@@ -32,22 +33,30 @@ def main(out: str) -> None:
     targets = torch.randint(0, V, (N,), generator=g)
     upstream = torch.randn(N, generator=g)
     shard = V // world
+    K = 6
+    extra_ids = torch.randint(0, V, (N, K), generator=g)
+    extra_ids[:, 0] = targets          # the sampled token among them
+    extra_ids[:, 1] = shard - 1        # both sides of the shard boundary
+    extra_ids[:, 2] = shard
 
     def run(h0, w0, group_world):
         h = h0.clone().requires_grad_(True)
         w = w0.clone().requires_grad_(True)
-        logp, ent = vocab_parallel_logprobs(h, w, targets, temperature=T, chunk_size=8,
-                                            group=None if group_world > 1 else solo)
+        logp, ent, extra = vocab_parallel_logprobs(h, w, targets, temperature=T, chunk_size=8,
+                                                   group=None if group_world > 1 else solo,
+                                                   extra_ids=extra_ids)
+        assert not extra.requires_grad
         (logp * upstream).sum().backward()
-        return logp.detach(), ent, h.grad, w.grad
+        return logp.detach(), ent, h.grad, w.grad, extra
 
-    lp2, ent2, gh2, gw2_local = run(hidden, weight[rank * shard:(rank + 1) * shard], world)
+    lp2, ent2, gh2, gw2_local, ex2 = run(hidden, weight[rank * shard:(rank + 1) * shard], world)
     parts = [torch.empty_like(gw2_local) for _ in range(world)]
     dist.all_gather(parts, gw2_local)
     gw2 = torch.cat(parts)
     res = {}
     if rank == 0:
-        lp1, ent1, gh1, gw1 = run(hidden, weight, 1)
+        lp1, ent1, gh1, gw1, ex1 = run(hidden, weight, 1)
+        ex_ref = naive_logprobs(hidden, weight, extra_ids, temperature=T)
         h = hidden.clone().requires_grad_(True)
         w = weight.clone().requires_grad_(True)
         ref = naive_logprobs(h, w, targets, temperature=T)
@@ -60,6 +69,9 @@ def main(out: str) -> None:
             "logp_tp2_vs_naive": (lp2 - ref.detach()).abs().max().item(),
             "grad_h_tp2_vs_naive": (gh2 - h.grad).abs().max().item(),
             "grad_w_tp2_vs_naive": (gw2 - w.grad).abs().max().item(),
+            "extra_tp2_vs_naive": (ex2 - ex_ref).abs().max().item(),
+            "extra_tp1_vs_naive": (ex1 - ex_ref).abs().max().item(),
+            "extra_col0_vs_logp": (ex2[:, 0] - lp2).abs().max().item(),
         }
         with open(out, "w") as fh:
             json.dump(res, fh)
