@@ -318,7 +318,9 @@ def build_components(cfg: RunConfig) -> Components:
                                            max_operand=cfg.task.max_operand)
 
     # start the servers first: they load while the actor builds
-    servers = [SGLangServer(policy, cfg.rollout.server, run_dir / "logs", name=f"sglang-{i}")
+    # server logs: <output_dir>/logs, or the SLURM job's log dir (slurm/*.sbatch.tmpl export it)
+    server_logs = Path(os.environ.get("DRPO_SERVER_LOG_DIR") or run_dir / "logs")
+    servers = [SGLangServer(policy, cfg.rollout.server, server_logs, name=f"sglang-{i}")
                for i in range(cfg.rollout.num_servers)]
     server = servers[0].start()
     try:

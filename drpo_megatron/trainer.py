@@ -12,6 +12,7 @@ import time
 import torch
 
 from drpo_megatron.config import RunConfig
+from drpo_megatron.operate.preempt import Stopper
 from drpo_megatron.run import Components, build_components, evaluate, next_prompts
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ def resume(c: Components, cfg: RunConfig) -> int:
 
 def train(cfg: RunConfig) -> dict[str, float]:
     """Run RL steps up to ``cfg.train.max_steps``; returns the last step's metrics."""
+    stopper = Stopper.from_env()  # preemption requests (drpo_megatron/operate/preempt.py)
     c: Components = build_components(cfg)
     last: dict[str, float] = {}
     try:
@@ -91,10 +93,15 @@ def train(cfg: RunConfig) -> dict[str, float]:
             c.show(step, metrics)
             last = metrics
 
-            # 7. save (every train.save_every steps; always after the last step)
+            # 7. save (every train.save_every steps; always after the last step; and on a stop
+            #    request: stop file / SIGTERM / SIGUSR1 -> checkpoint, exit 75, SLURM requeues)
             every = cfg.train.save_every
-            if step == cfg.train.max_steps or (every and step % every == 0):
+            stop = stopper.requested()
+            if stop or step == cfg.train.max_steps or (every and step % every == 0):
                 save(c, step)
+            if stop and step < cfg.train.max_steps:
+                stopper.exit_after_checkpoint(step)
     finally:
         c.close()
+        stopper.close()
     return last

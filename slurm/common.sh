@@ -1,5 +1,5 @@
 # Shared by every drpo sbatch script (sourced; rendered scripts embed nothing from here but call it).
-# Functions: drpo_env_network, drpo_on_signal, drpo_wait_router.
+# Functions: drpo_env_network, drpo_on_signal, drpo_wait_trainer, drpo_node_addr, drpo_wait_router.
 
 # ---- network / NCCL. Values are safe defaults; site-specific ones are commented.
 drpo_env_network() {
@@ -19,26 +19,58 @@ drpo_env_network() {
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 }
 
-# ---- SIGUSR1 (sent by `--signal=B:USR1@SECONDS` before the time limit) and SIGTERM (preemption,
-# scancel): ask the trainer to checkpoint (signal forwarded to the trainer step + a stop file the
-# trainer polls) and wait for it to exit; after SIGUSR1 requeue the job, which resumes from
-# <output_dir>/checkpoint (train.resume: auto).
+# ---- preemption. SIGUSR1 reaches the batch shell from `#SBATCH --signal=B:USR1@SECONDS` before
+# the time limit (or `scancel --signal=USR1 --batch JOB`); SIGTERM from preemption or scancel.
+# drpo_on_signal touches $DRPO_STOP_FILE; the trainer (drpo_megatron/operate/preempt.py) polls it
+# after every step, saves a checkpoint, writes $DRPO_STOP_FILE.checkpointed and exits with 75.
+# drpo_wait_trainer then requeues the job after SIGUSR1 (same job id; the requeued run resumes from
+# <output_dir>/checkpoint, train.resume: auto). After SIGTERM it only waits: a user's scancel must
+# stay cancelled, and preemption with --requeue is requeued by SLURM itself. The signal is not
+# forwarded to srun: torchrun dies on SIGUSR1; the stop file reaches every rank on every node.
 DRPO_TRAIN_PID=""
+DRPO_SIGNAL=""
+DRPO_GRACE_PID=""
+DRPO_EXIT_PREEMPTED=75
 drpo_on_signal() {
   local sig=$1
-  echo "[drpo] $(date -u +%FT%TZ) got SIG$sig: requesting checkpoint + exit, then requeue" >&2
-  touch "$DRPO_STOP_FILE"
-  if [ -n "$DRPO_TRAIN_PID" ]; then kill -USR1 "$DRPO_TRAIN_PID" 2>/dev/null || true; fi
-  local waited=0
-  while [ -n "$DRPO_TRAIN_PID" ] && kill -0 "$DRPO_TRAIN_PID" 2>/dev/null && [ $waited -lt "$DRPO_CKPT_GRACE_S" ]; do
-    sleep 5; waited=$((waited + 5))
-  done
-  if [ "$sig" = USR1 ]; then
-    # time limit ahead: requeue ourselves. SIGTERM (scancel, preemption) only checkpoints: a
-    # user's scancel must stay cancelled, and preemption with --requeue is requeued by SLURM.
-    scontrol requeue "$SLURM_JOB_ID" && echo "[drpo] requeued $SLURM_JOB_ID" >&2
+  [ -z "$DRPO_SIGNAL" ] || return 0   # already stopping (or requeued: SLURM's SIGTERM follows)
+  DRPO_SIGNAL=$sig
+  echo "[drpo] $(date -u +%FT%TZ) got SIG$sig: touched $DRPO_STOP_FILE; the trainer finishes its step, checkpoints and exits (grace ${DRPO_CKPT_GRACE_S}s)" >&2
+  touch "$DRPO_STOP_FILE" || true
+  if [ -n "$DRPO_TRAIN_PID" ]; then   # no checkpoint within the grace period: stop the trainer
+    ( for _ in $(seq 1 "$DRPO_CKPT_GRACE_S"); do   # 1 s ticks: ends soon after the trainer does
+        sleep 1; kill -0 "$DRPO_TRAIN_PID" 2>/dev/null || exit 0
+      done
+      echo "[drpo] no checkpoint after ${DRPO_CKPT_GRACE_S}s: sending SIGTERM to the trainer step" >&2
+      kill -TERM "$DRPO_TRAIN_PID" 2>/dev/null || true ) &
+    DRPO_GRACE_PID=$!
   fi
-  exit 0
+}
+
+# ---- the job's last word: wait for the trainer step ($DRPO_TRAIN_PID), requeue after a
+# preemption checkpoint that SIGUSR1 asked for, exit with the trainer's status otherwise.
+drpo_wait_trainer() {
+  local rc
+  while :; do
+    rc=0
+    wait "$DRPO_TRAIN_PID" || rc=$?
+    # a trapped signal interrupts `wait` (status > 128) while the trainer still runs: wait again
+    if [ "$rc" -gt 128 ] && kill -0 "$DRPO_TRAIN_PID" 2>/dev/null; then continue; fi
+    break
+  done
+  [ -z "$DRPO_GRACE_PID" ] || kill "$DRPO_GRACE_PID" 2>/dev/null || true
+  echo "[drpo] $(date -u +%FT%TZ) trainer exited with $rc" >&2
+  # torchrun reports a worker's exit 75 as 1: the marker file says the checkpoint was written
+  if [ "$rc" = "$DRPO_EXIT_PREEMPTED" ] || [ -e "$DRPO_STOP_FILE.checkpointed" ]; then
+    echo "[drpo] preemption checkpoint of step $(cut -d' ' -f1 "$DRPO_STOP_FILE.checkpointed" 2>/dev/null || echo '?') saved" >&2
+    if [ "$DRPO_SIGNAL" = USR1 ]; then
+      echo "[drpo] requeueing job $SLURM_JOB_ID (restart $((${SLURM_RESTART_COUNT:-0} + 1)))" >&2
+      scontrol requeue "$SLURM_JOB_ID" || { echo "[drpo] ERROR: scontrol requeue failed" >&2; exit 1; }
+      exit 0
+    fi
+    exit "$DRPO_EXIT_PREEMPTED"
+  fi
+  exit "$rc"
 }
 
 # ---- the address other nodes reach a node at (SLURM's NodeAddr; the node name when unset)

@@ -13,10 +13,12 @@
   ``trainer/ranks/`` (torchrun per-rank logs) and ``rollout/`` (router and per-server logs).
 * ``--dry-run`` prints the script instead of calling ``sbatch``.
 
-Trainer contract the scripts rely on: SIGUSR1 (``--signal=B:USR1@...`` before the time limit)
-or SIGTERM reach the batch shell, which touches ``$DRPO_STOP_FILE``, forwards SIGUSR1 to the
-trainer step, waits up to ``--ckpt-grace-s`` for it to exit and requeues the job; the requeued job
-resumes from ``<output_dir>/checkpoint`` (``train.resume: auto``).
+Preemption (``slurm/common.sh``, :mod:`drpo_megatron.operate.preempt`): SIGUSR1
+(``--signal=B:USR1@<--signal-lead-s>`` before the time limit, or ``scancel --signal=USR1 --batch``)
+or SIGTERM reach the batch shell, which touches ``$DRPO_STOP_FILE``; the trainer finishes its
+step, saves a checkpoint and exits with 75 (after ``--ckpt-grace-s`` the shell stops it); after
+SIGUSR1 the script runs ``scontrol requeue``.  The requeued job (same id, same absolute
+``output_dir``) resumes from ``<output_dir>/checkpoint`` (``train.resume: auto``).
 """
 
 from __future__ import annotations
@@ -118,7 +120,10 @@ def main(argv: list[str]) -> int:
         cfg = load_config(args.config, over)
         plan = make_plan(cfg)
         check_fits(plan, cfg)
-        out = Path(cfg.output_dir).expanduser().resolve() / "submit"
+        # absolute: the job (and its requeued runs) must find <output_dir>/checkpoint whatever
+        # directory it starts in
+        cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
+        out = Path(cfg.output_dir) / "submit"
         log_root = str(Path(args.log_root).expanduser().resolve()) if args.log_root else str(
             Path(cfg.output_dir).expanduser().resolve() / "slurm-logs")
         resolved = out / "config.yaml"

@@ -62,26 +62,47 @@ def test_common_sh_is_valid_bash_and_sets_nccl():
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash")
-@pytest.mark.parametrize("sig,requeue", [("USR1", True), ("TERM", False)])
-def test_signal_handler_checkpoints_then_requeues_on_usr1(tmp_path, sig, requeue):
-    # drive drpo_on_signal with a fake trainer and a fake scontrol on PATH
+@pytest.mark.parametrize("case", ["USR1", "TERM", "no-signal", "ignores-stop-file"])
+def test_batch_shell_signal_protocol(tmp_path, case):
+    """slurm/common.sh as the batch script runs it (set -euo pipefail, traps, trainer in the
+    background, drpo_wait_trainer), with a stand-in trainer that behaves like
+    drpo_megatron/operate/preempt.py (stop file -> marker + exit 75) and a stand-in scontrol that
+    records its calls (the real SLURM round trip is tests/operate/test_slurm_local.py)."""
     (tmp_path / "scontrol").write_text("#!/bin/bash\necho \"scontrol $*\" >> \"$LOG\"\n")
     (tmp_path / "scontrol").chmod(0o755)
-    script = f"""
+    ignores = case == "ignores-stop-file"
+    trainer = ("sleep 60" if ignores else
+               'while [ ! -e "$DRPO_STOP_FILE" ]; do sleep 0.1; done; echo ckpt >> "$LOG"; '
+               'echo "3 now" > "$DRPO_STOP_FILE.checkpointed"; exit 75')
+    if case == "no-signal":
+        trainer = "exit 3"
+    sig = {"USR1": "USR1", "TERM": "TERM", "ignores-stop-file": "USR1"}.get(case)
+    script = f"""set -euo pipefail
 source slurm/common.sh
-export LOG={tmp_path}/calls DRPO_STOP_FILE={tmp_path}/STOP DRPO_CKPT_GRACE_S=30 SLURM_JOB_ID=42
-( trap 'echo ckpt >> $LOG; exit 0' USR1; while true; do sleep 0.2; done ) &
+export LOG={tmp_path}/calls DRPO_STOP_FILE={tmp_path}/STOP DRPO_CKPT_GRACE_S={1 if ignores else 30} SLURM_JOB_ID=42
+trap 'drpo_on_signal USR1' USR1
+trap 'drpo_on_signal TERM' TERM
+touch "$LOG"
+bash -c '{trainer}' &
 DRPO_TRAIN_PID=$!
-sleep 0.5
-drpo_on_signal {sig}
+{f"( sleep 0.5; kill -{sig} $$ ) &" if sig else ""}
+drpo_wait_trainer
+echo unreachable >> "$LOG"
 """
     env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}")
     p = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
-    # the trainer got SIGUSR1 (checkpoint) and exited before the requeue; scancel (TERM) never requeues
-    assert calls == (["ckpt", "scontrol requeue 42"] if requeue else ["ckpt"])
-    assert (tmp_path / "STOP").exists()
+    if case == "USR1":  # checkpoint first, then the requeue; the script ends with 0
+        assert (p.returncode, calls) == (0, ["ckpt", "scontrol requeue 42"]), p.stderr
+        assert "preemption checkpoint of step 3 saved" in p.stderr
+    elif case == "TERM":  # scancel / preemption: checkpoint, no requeue by the script
+        assert (p.returncode, calls) == (75, ["ckpt"]), p.stderr
+    elif case == "no-signal":  # the trainer's own status, nothing else
+        assert (p.returncode, calls) == (3, []), p.stderr
+    else:  # no checkpoint within the grace period: the trainer is stopped, no requeue
+        assert (p.returncode, calls) == (128 + 15, []), p.stderr
+        assert "no checkpoint after 1s" in p.stderr
+    assert (tmp_path / "STOP").exists() == (sig is not None)
 
 
 def test_cli_dry_run_writes_script_and_resolved_config(tmp_path, capsys):
