@@ -20,16 +20,20 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Sequence
 
 from drpo_megatron.rollout.engine import Sample, generate_groups
-from drpo_megatron.rollout.server import SGLangServer, ServerError
+from drpo_megatron.rollout.server import SGLangServer, ServerError, aborted
 
 log = logging.getLogger(__name__)
+
+
+class GenerationAborted(ServerError):
+    """A request came back aborted (``/pause_generation`` around a weight update): re-issued."""
 
 
 class Fleet:
     def __init__(self, servers: Sequence[SGLangServer], *,
                  resync: Callable[[SGLangServer], None] | None = None,
                  current_version: Callable[[], str] | None = None, max_attempts: int = 3,
-                 max_restarts: int = 3):
+                 max_restarts: int = 3, max_aborts: int = 20):
         if not servers:
             raise ValueError("a fleet needs at least one server")
         self.servers = list(servers)
@@ -37,6 +41,9 @@ class Fleet:
         self.current_version = current_version
         self.max_attempts = max_attempts
         self.max_restarts = max_restarts
+        self.max_aborts = max_aborts
+        self.reissued = 0  # requests re-issued after a weight update aborted them
+        self.in_flight = 0  # requests sent and not answered yet (for logs and tests)
         self.restarts = {s.name: 0 for s in self.servers}
         self._lock = threading.Lock()
         self._rr = 0
@@ -89,10 +96,15 @@ class Fleet:
         """Like :func:`engine.generate_groups` over the fleet; group-major, all groups or raise."""
 
         def job(g):
-            return lambda s: generate_groups(
-                s, [prompts[g]], [answers[g]], n=n, temperature=temperature, top_p=top_p,
-                max_new_tokens=max_new_tokens, seed=None if seed is None else seed + g,
-                first_group_id=g)
+            def run(s):
+                samples = generate_groups(
+                    s, [prompts[g]], [answers[g]], n=n, temperature=temperature, top_p=top_p,
+                    max_new_tokens=max_new_tokens, seed=None if seed is None else seed + g,
+                    first_group_id=g)
+                if any(smp.finish_reason == "abort" for smp in samples):
+                    raise GenerationAborted(f"{s.name}: group {g} was aborted (weight update)")
+                return samples
+            return run
 
         results = self.dispatch([job(g) for g in range(len(prompts))])
         return [smp for r in results for smp in r]
@@ -100,7 +112,9 @@ class Fleet:
     def generate(self, input_ids: list[list[int]], sampling_params: dict[str, Any] | list,
                  *, return_logprob: bool = True, top_logprobs_num: int = 0) -> list[dict]:
         """:meth:`SGLangServer.generate` over the fleet (so a ``Fleet`` can stand in for a server):
-        one request per prompt (its ``n`` samples stay on one server), outputs prompt-major."""
+        one request per prompt (its ``n`` samples stay on one server), outputs prompt-major.
+        A request aborted by ``/pause_generation`` (a weight update) is re-issued whole, so no
+        returned sample mixes weight versions."""
 
         def job(i):
             params = sampling_params[i] if isinstance(sampling_params, list) else sampling_params
@@ -112,6 +126,8 @@ class Fleet:
                 if len(outs) != want:
                     raise ServerError(f"{s.name}: /generate returned {len(outs)} outputs for one "
                                       f"prompt with n={want}")
+                if aborted(outs):
+                    raise GenerationAborted(f"{s.name}: request {i} was aborted (weight update)")
                 return outs
             return run
 
@@ -130,30 +146,57 @@ class Fleet:
     def weight_version(self) -> str:
         return self.servers[0].weight_version()
 
-    def dispatch(self, jobs: list[Callable[[SGLangServer], Any]]) -> list[Any]:
-        """Run every job on some healthy server (one in flight per server), retrying a failed
-        job elsewhere and restarting its server if it died; results in job order."""
+    # hooks that the router front (rollout/router.py) overrides
+    def _lanes(self, down: set[str]) -> list[tuple[str, Any]]:
+        """``(key, target)`` pairs that may each hold one in-flight request: here one per
+        server, rotated so that consecutive steps start on different servers."""
+        return [(s.name, s) for s in self._order()]
+
+    def _pool_size(self) -> int:
+        return len(self.servers)
+
+    def _after_failure(self, target: Any, reason: str, down: set[str]
+                       ) -> list[tuple[SGLangServer, str]]:
+        """The servers to restart after a request on ``target`` failed (each is out of rotation
+        until its restart finished)."""
+        return [] if self.is_healthy(target) else [(target, reason)]
+
+    def _after_dispatch(self) -> None:
+        pass
+
+    def dispatch(self, jobs: list[Callable[[Any], Any]]) -> list[Any]:
+        """Run every job on some lane (one in flight per lane), retrying a failed job and
+        restarting dead servers (in the pool: the others keep generating); results in job order.
+        A job aborted by a weight update is re-issued without counting as a failure."""
         self.watchdog()
         results: dict[int, Any] = {}
         attempts = {g: 0 for g in range(len(jobs))}
+        aborts = {g: 0 for g in range(len(jobs))}
         errors: dict[int, list[str]] = {g: [] for g in range(len(jobs))}
         pending = list(range(len(jobs)))
         busy: dict[str, Future] = {}
-        owner: dict[Future, tuple[int, SGLangServer]] = {}
+        owner: dict[Future, tuple[int, Any]] = {}
         down: set[str] = set()
 
-        with ThreadPoolExecutor(max_workers=len(self.servers), thread_name_prefix="fleet") as pool:
+        def restart_in_pool(pool, s: SGLangServer, reason: str) -> None:
+            down.add(s.name)
+            rfut = pool.submit(self.restart, s, reason)
+            busy["restart:" + s.name] = rfut
+            owner[rfut] = (-1, s)
+
+        with ThreadPoolExecutor(max_workers=self._pool_size() + len(self.servers),
+                                thread_name_prefix="fleet") as pool:
             while pending or busy:
-                for s in self._order():
+                for key, target in self._lanes(down):
                     if not pending:
                         break
-                    if s.name in busy or s.name in down:
+                    if key in busy or key in down:
                         continue
                     g = pending.pop(0)
                     attempts[g] += 1
-                    fut = pool.submit(jobs[g], s)
-                    busy[s.name] = fut
-                    owner[fut] = (g, s)
+                    fut = pool.submit(self._counted, jobs[g], target)
+                    busy[key] = fut
+                    owner[fut] = (g, target)
                 if not busy:
                     # every server is down: bring them back here (synchronously), then go on
                     for s in self.servers:
@@ -163,34 +206,50 @@ class Fleet:
                     continue
                 done, _ = wait(list(busy.values()), return_when=FIRST_COMPLETED)
                 for fut in done:
-                    g, s = owner.pop(fut)
-                    del busy[s.name]
+                    g, target = owner.pop(fut)
+                    del busy[next(k for k, f in busy.items() if f is fut)]
                     if g == -1:  # a restart: raises if the server could not be brought back
                         fut.result()
-                        down.discard(s.name)
+                        down.discard(target.name)
                         continue
                     try:
                         results[g] = fut.result()
+                    except GenerationAborted as e:
+                        attempts[g] -= 1  # not a failure: re-issued after the update
+                        aborts[g] += 1
+                        self.reissued += 1
+                        if aborts[g] > self.max_aborts:
+                            raise ServerError(f"request {g} aborted {aborts[g]} times in a row "
+                                              f"(weight updates keep pausing the servers): {e}")
+                        log.info("%s; re-issuing it", e)
+                        pending.insert(0, g)
                     except ServerError as e:
                         first = str(e).splitlines()[0]
-                        errors[g].append(f"{s.name}: {first}")
-                        log.warning("request %d failed on %s (attempt %d): %s", g, s.name,
+                        errors[g].append(f"{target.name}: {first}")
+                        log.warning("request %d failed on %s (attempt %d): %s", g, target.name,
                                     attempts[g], first)
                         if attempts[g] >= self.max_attempts:
                             raise ServerError(
                                 f"request {g} failed {attempts[g]} times (rollout.max_attempts): "
                                 + "; ".join(errors[g])) from e
                         pending.insert(0, g)
-                        if not self.is_healthy(s):
-                            down.add(s.name)
-                            # restart in the pool: the other servers keep generating meanwhile
-                            rfut = pool.submit(self.restart, s, f"request failed: {first[:200]}")
-                            busy[s.name] = rfut
-                            owner[rfut] = (-1, s)
+                        for s, why in self._after_failure(target, f"request failed: {first[:200]}",
+                                                          down):
+                            restart_in_pool(pool, s, why)
         missing = [g for g in range(len(jobs)) if g not in results]
         if missing:
             raise ServerError(f"rollout lost requests {missing}")
+        self._after_dispatch()
         return [results[g] for g in range(len(jobs))]
+
+    def _counted(self, job: Callable[[Any], Any], target: Any) -> Any:
+        with self._lock:
+            self.in_flight += 1
+        try:
+            return job(target)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
 
     def _order(self) -> list[SGLangServer]:
         k = self._rr % len(self.servers)

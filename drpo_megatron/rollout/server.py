@@ -78,18 +78,34 @@ class ServerConfig:
 
 
 class SGLangServer:
-    """A server subprocess plus a thin HTTP client for the endpoints RL needs."""
+    """A server subprocess plus a thin HTTP client for the endpoints RL needs.
+
+    With ``url`` the object is a client of a server somebody else runs (e.g. a SLURM job's
+    rollout node behind an external router): :meth:`start` and :meth:`stop` do nothing, and
+    :meth:`wait_healthy` waits for the server to (re)appear at that URL.
+    """
 
     def __init__(self, model_path: str | os.PathLike, cfg: ServerConfig, log_dir: str | os.PathLike,
-                 name: str = "sglang-0"):
+                 name: str = "sglang-0", *, url: str | None = None):
         self.model_path = str(model_path)
         self.cfg = cfg
         self.name = name
-        self.port = cfg.port or free_port(cfg.host)
-        self.url = f"http://{cfg.host}:{self.port}"
+        self.external = url is not None
+        if url is not None:
+            self.url = url.rstrip("/")
+            self.port = int(self.url.rsplit(":", 1)[1]) if self.url.count(":") >= 2 else 80
+        else:
+            self.port = cfg.port or free_port(cfg.host)
+            self.url = f"http://{cfg.host}:{self.port}"
         self.log_path = Path(log_dir) / f"{name}.log"
         self.proc: subprocess.Popen | None = None
         self._session = requests.Session()
+
+    @classmethod
+    def attach(cls, url: str, cfg: ServerConfig, log_dir: str | os.PathLike, name: str,
+               model_path: str | os.PathLike = "") -> "SGLangServer":
+        """A client of an already running server at ``url`` (no process of ours)."""
+        return cls(model_path, cfg, log_dir, name, url=url)
 
     # ------------------------------------------------------------------ lifecycle
     def command(self) -> list[str]:
@@ -105,6 +121,9 @@ class SGLangServer:
         ]
 
     def start(self) -> "SGLangServer":
+        if self.external:
+            log.info("%s at %s is run by somebody else: not starting it", self.name, self.url)
+            return self
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = self.command()
         log.info("starting %s on %s (log: %s)", self.name, self.url, self.log_path)
@@ -131,10 +150,12 @@ class SGLangServer:
                 pass
             now = time.time()
             if now - t0 > timeout_s:
+                where = ("it is an external server: see the log of whoever runs it"
+                         if self.external else f"see {self.log_path}. Last lines:\n"
+                         f"{tail(self.log_path)}")
                 raise ServerError(
                     f"{self.name} at {self.url} not healthy after {timeout_s:.0f}s "
-                    f"(rollout.server.startup_timeout_s); see {self.log_path}. Last lines:\n"
-                    f"{tail(self.log_path)}")
+                    f"(rollout.server.startup_timeout_s); {where}")
             if now - last_log > LOG_EVERY_S:
                 log.info("waiting for %s /health (%.0fs of %.0fs; log: %s)", self.name, now - t0,
                          timeout_s, self.log_path)
@@ -148,7 +169,7 @@ class SGLangServer:
                 f"Last lines:\n{tail(self.log_path)}")
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.external or self.proc is None or self.proc.poll() is not None:
             return
         import signal
 
@@ -314,8 +335,27 @@ class SGLangServer:
                               "abort_all_requests": False},
                              "update_weights_from_distributed")
 
-    def pause_generation(self) -> None:
-        self._post("/pause_generation", {}, self.cfg.request_timeout_s, "pause_generation")
+    def pause_generation(self, mode: str = "abort") -> None:
+        """``/pause_generation``.  ``mode="abort"`` (the one used around weight updates) returns
+        every in-flight request at once with ``finish_reason.type == "abort"`` and a partial
+        output (the client must re-issue it); requests that arrive while paused wait in the
+        server until :meth:`continue_generation`.  ``"retract"`` / ``"in_place"`` keep the
+        requests and resume them afterwards, so one response would mix weight versions."""
+        if mode not in ("abort", "retract", "in_place"):
+            raise ValueError(f"pause_generation mode {mode!r}: choose abort, retract or in_place")
+        self._post("/pause_generation", {"mode": mode}, self.cfg.request_timeout_s,
+                   "pause_generation")
 
     def continue_generation(self) -> None:
         self._post("/continue_generation", {}, self.cfg.request_timeout_s, "continue_generation")
+
+
+def aborted(outs: list[Any]) -> bool:
+    """True when any ``/generate`` output was aborted (``finish_reason.type == "abort"``, e.g. by
+    ``/pause_generation`` around a weight update): its tokens are partial and must be re-generated."""
+    for o in outs:
+        meta = o.get("meta_info") if isinstance(o, dict) else None
+        fin = meta.get("finish_reason") if isinstance(meta, dict) else None
+        if isinstance(fin, dict) and fin.get("type") == "abort":
+            return True
+    return False

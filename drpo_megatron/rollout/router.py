@@ -1,0 +1,469 @@
+"""Several SGLang servers behind sglang-router (``rollout.router: sglang-router``), or behind a
+router somebody else runs (``rollout.router_url`` / env ``DRPO_ROUTER_URL``).
+
+* :class:`SGLangRouter` launches ``python -m sglang_router.launch_router`` (sglang-router 0.3.2,
+  log ``<run>/logs/router.log``) or attaches to a running one, and talks to its worker API:
+  ``GET /workers``, ``POST /workers {"url": ...}``, ``DELETE /workers/{id}``.  Every wait has a
+  timeout and logs what it waits for (which workers are not registered and healthy yet); a
+  router that exits or times out raises :class:`RouterError` naming its log with the log's tail.
+* :class:`RouterFleet` is what the loop calls ``generate`` on (the same signature as
+  :meth:`SGLangServer.generate`): every prompt (group) is one ``/generate`` request to the
+  router, a few in flight per worker, and the router picks the worker.  It reuses
+  :class:`~drpo_megatron.rollout.fleet.Fleet`'s dispatch (retries up to ``max_attempts``,
+  aborted requests re-issued, results in order or a clear error) and watchdog; a dead worker is
+  first removed from the router, then restarted, re-synced to the trainer's current weights
+  (the ``resync`` callback) and its ``weight_version`` checked, and only then registered again.
+  Weight updates never go through the router: the transports push to each worker directly.
+* :class:`PausedTransport` brackets every weight push with ``/pause_generation`` (mode
+  ``abort``) and ``/continue_generation`` on each worker: a request in flight during an update
+  comes back aborted and is re-issued whole, so no sample mixes two weight versions.
+* :class:`RolloutSetup` is what ``run.build_components`` uses: it starts (or attaches to) the
+  servers and the router, wraps the transport and builds the front.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import requests
+
+from drpo_megatron.platform import sglang_cpu
+from drpo_megatron.rollout.fleet import Fleet
+from drpo_megatron.rollout.server import (HEALTH_POLL_S, LOG_EVERY_S, ServerConfig, ServerError,
+                                          SGLangServer, free_port, server_base_env, tail)
+
+log = logging.getLogger(__name__)
+
+ROUTER_URL_ENV = "DRPO_ROUTER_URL"
+ROUTER_POLICIES = ("round_robin", "cache_aware", "power_of_two", "random")
+
+
+class RouterError(ServerError):
+    """sglang-router failed to start, died, or its workers did not register in time."""
+
+
+class SGLangRouter:
+    """sglang-router: a subprocess we launch (``url=None``) or a running one at ``url``."""
+
+    def __init__(self, log_dir: str | os.PathLike, *, url: str | None = None,
+                 host: str = "127.0.0.1", port: int = 0, policy: str = "round_robin",
+                 startup_timeout_s: float = 300.0, request_timeout_s: float = 300.0,
+                 extra_args: Sequence[str] = (), name: str = "router"):
+        if policy not in ROUTER_POLICIES:
+            raise ValueError(f"router policy {policy!r}: choose one of {ROUTER_POLICIES}")
+        self.name = name
+        self.external = url is not None
+        self.host = host
+        self.port = port or (0 if url else free_port(host))
+        self.url = url.rstrip("/") if url else f"http://{host}:{self.port}"
+        self.policy = policy
+        self.startup_timeout_s = startup_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.extra_args = list(extra_args)
+        self.log_path = Path(log_dir) / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+        self._session = requests.Session()
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "sglang_router.launch_router",
+            "--host", self.host, "--port", str(self.port),
+            "--policy", self.policy,
+            # workers are registered through POST /workers once they are healthy
+            "--worker-urls",
+            "--request-timeout-secs", str(int(self.request_timeout_s)),
+            "--worker-startup-timeout-secs", str(int(self.startup_timeout_s)),
+            "--worker-startup-check-interval", "1",
+            "--health-check-interval-secs", "10",
+            "--prometheus-host", self.host,
+            "--prometheus-port", str(free_port(self.host)),
+            "--log-level", "info",
+            *self.extra_args,
+        ]
+
+    def start(self) -> "SGLangRouter":
+        if self.external:
+            return self
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = self.command()
+        log.info("starting %s on %s (log: %s)", self.name, self.url, self.log_path)
+        with open(self.log_path, "ab") as fh:
+            fh.write(("$ " + " ".join(cmd) + "\n").encode())
+            fh.flush()
+            # launch_router imports sglang: it needs the same CPU environment as a server
+            env = sglang_cpu.server_env(server_base_env())
+            env["NO_COLOR"] = "1"  # plain log lines (the error messages quote the log's tail)
+            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+        return self
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RouterError(f"{self.name} exited with code {self.proc.returncode}; see "
+                              f"{self.log_path}. Last lines:\n{tail(self.log_path)}")
+
+    def _where(self) -> str:
+        if self.external:
+            return f"it is an external router ({self.url}): see the log of whoever runs it"
+        return f"see {self.log_path}. Last lines:\n{tail(self.log_path)}"
+
+    def wait_up(self, timeout_s: float | None = None) -> None:
+        """Until the router answers ``/health``."""
+        timeout_s = timeout_s or self.startup_timeout_s
+        t0 = last = time.time()
+        while True:
+            self.check_alive()
+            try:
+                if self._session.get(self.url + "/health", timeout=5).status_code == 200:
+                    log.info("%s up after %.1fs", self.name, time.time() - t0)
+                    return
+            except requests.RequestException:
+                pass
+            now = time.time()
+            if now - t0 > timeout_s:
+                raise RouterError(f"{self.name} at {self.url} did not answer /health within "
+                                  f"{timeout_s:.0f}s; {self._where()}")
+            if now - last > LOG_EVERY_S:
+                log.info("waiting for %s /health at %s (%.0fs of %.0fs; log: %s)", self.name,
+                         self.url, now - t0, timeout_s, self.log_path)
+                last = now
+            time.sleep(HEALTH_POLL_S)
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if self.external or self.proc is None or self.proc.poll() is not None:
+            return
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=timeout_s)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=timeout_s)
+        log.info("%s stopped", self.name)
+
+    # ------------------------------------------------------------------ worker API
+    def _call(self, method: str, path: str, what: str, **kw) -> Any:
+        self.check_alive()
+        try:
+            r = self._session.request(method, self.url + path, timeout=30, **kw)
+        except requests.RequestException as e:
+            self.check_alive()
+            raise RouterError(f"{self.name}: {what} ({method} {self.url}{path}) failed: {e}; "
+                              f"{self._where()}") from e
+        if r.status_code >= 300:
+            raise RouterError(f"{self.name}: {what} ({method} {path}) returned HTTP "
+                              f"{r.status_code}: {r.text[:300]}; {self._where()}")
+        try:
+            return r.json()
+        except ValueError as e:
+            raise RouterError(f"{self.name}: {what} returned a body that is not JSON: "
+                              f"{r.text[:200]!r}") from e
+
+    def workers(self) -> list[dict]:
+        """``GET /workers``: ``[{"id", "url", "is_healthy", ...}, ...]``."""
+        out = self._call("GET", "/workers", "list workers")
+        return list(out.get("workers", [])) if isinstance(out, dict) else []
+
+    def healthy_urls(self) -> list[str]:
+        return [w["url"].rstrip("/") for w in self.workers() if w.get("is_healthy")]
+
+    def add_worker(self, url: str) -> None:
+        """Register ``url`` (the router adds it in the background after its own health check:
+        follow with :meth:`wait_workers`)."""
+        with self._lock:
+            self._call("POST", "/workers", f"add worker {url}", json={"url": url})
+        log.info("%s: registered %s", self.name, url)
+
+    def remove_worker(self, url: str) -> None:
+        """Deregister ``url`` (no request is routed to it any more) and wait until it is gone."""
+        url = url.rstrip("/")
+        with self._lock:
+            ids = [w["id"] for w in self.workers() if w.get("url", "").rstrip("/") == url]
+            for wid in ids:
+                self._call("DELETE", f"/workers/{wid}", f"remove worker {url}")
+        t0 = time.time()
+        while any(w.get("url", "").rstrip("/") == url for w in self.workers()):
+            if time.time() - t0 > 60:
+                raise RouterError(f"{self.name}: worker {url} still listed 60s after its "
+                                  f"removal; {self._where()}")
+            time.sleep(0.2)
+        if ids:
+            log.info("%s: deregistered %s", self.name, url)
+
+    def wait_workers(self, urls: Sequence[str] = (), *, count: int = 0,
+                     timeout_s: float | None = None) -> list[str]:
+        """Until every url in ``urls`` (and at least ``count`` workers) is registered and
+        healthy; logs which are missing every few seconds.  Returns the healthy worker urls."""
+        want = {u.rstrip("/") for u in urls}
+        count = max(count, len(want))
+        timeout_s = timeout_s or self.startup_timeout_s
+        t0 = last = time.time()
+        while True:
+            try:
+                have = self.healthy_urls()
+            except RouterError:
+                self.check_alive()
+                have = []
+            missing = sorted(want - set(have))
+            if not missing and len(have) >= count:
+                log.info("%s: %d healthy workers registered after %.1fs", self.name, len(have),
+                         time.time() - t0)
+                return have
+            now = time.time()
+            what = (f"workers {missing}" if missing else "") + (
+                f"{' and ' if missing else ''}{count} workers (have {len(have)}: {have})"
+                if len(have) < count else "")
+            if now - t0 > timeout_s:
+                raise RouterError(f"{self.name} at {self.url}: still waiting for {what} to be "
+                                  f"registered and healthy after {timeout_s:.0f}s; "
+                                  f"{self._where()}")
+            if now - last > LOG_EVERY_S:
+                log.info("waiting for %s at %s to list %s (%.0fs of %.0fs; log: %s)", self.name,
+                         self.url, what, now - t0, timeout_s, self.log_path)
+                last = now
+            time.sleep(HEALTH_POLL_S)
+
+    def client(self, cfg: ServerConfig) -> SGLangServer:
+        """An :class:`SGLangServer` client whose ``/generate`` goes to the router (the router
+        process, if ours, is checked for life on every call)."""
+        c = SGLangServer.attach(self.url, cfg, self.log_path.parent, name=self.name)
+        c.log_path = self.log_path
+        c.proc = self.proc
+        c.external = True  # never started or stopped through the client
+        return c
+
+
+class RouterFleet(Fleet):
+    """The loop's front for several workers behind sglang-router (see the module doc)."""
+
+    def __init__(self, router: SGLangRouter, servers: Sequence[SGLangServer], *,
+                 client_cfg: ServerConfig | None = None, inflight_per_worker: int = 2,
+                 register_timeout_s: float | None = None, **fleet_kw):
+        super().__init__(servers, **fleet_kw)
+        self.router = router
+        cfg = client_cfg or self.servers[0].cfg
+        self.client = router.client(cfg)
+        self.inflight = max(1, inflight_per_worker * len(self.servers))
+        self.register_timeout_s = register_timeout_s
+
+    @property
+    def name(self) -> str:
+        return f"{self.router.name}[" + ",".join(s.name for s in self.servers) + "]"
+
+    # every lane sends to the router; none while every worker is being restarted
+    def _lanes(self, down: set[str]) -> list[tuple[str, Any]]:
+        if all(s.name in down for s in self.servers):
+            return []
+        return [(f"lane-{i}", self.client) for i in range(self.inflight)]
+
+    def _pool_size(self) -> int:
+        return self.inflight
+
+    def _after_failure(self, target: Any, reason: str, down: set[str]
+                       ) -> list[tuple[SGLangServer, str]]:
+        self.router.check_alive()  # a dead router is not something a retry fixes
+        return [(s, reason) for s in self.servers
+                if s.name not in down and not self.is_healthy(s)]
+
+    def _after_dispatch(self) -> None:
+        # the router may have hidden a worker's death by retrying elsewhere: restart it now
+        self.watchdog()
+
+    def restart(self, s: SGLangServer, reason: str) -> None:
+        """Deregister, restart + re-sync + version check (:meth:`Fleet.restart`), register."""
+        try:
+            self.router.remove_worker(s.url)
+        except RouterError as e:
+            log.warning("%s", str(e).splitlines()[0])
+        super().restart(s, reason)
+        self.router.add_worker(s.url)
+        self.router.wait_workers([s.url], timeout_s=self.register_timeout_s)
+        self.events.append(f"{s.name} registered with {self.router.name} again")
+
+    def stop(self) -> None:
+        super().stop()
+        self.router.stop()
+
+
+class PausedTransport:
+    """Wraps a weight transport: every push is bracketed by ``/pause_generation`` (mode
+    ``abort``) and ``/continue_generation`` on each server (driver rank only; the push itself
+    stays collective).  ``version`` is the last version pushed (the re-sync target)."""
+
+    def __init__(self, inner, servers: Sequence[SGLangServer], *, mode: str = "abort",
+                 version: int = 0):
+        self.inner = inner
+        self.servers = list(servers)
+        self.mode = mode
+        self.version = version
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def push(self, version: int) -> dict[str, float]:
+        from drpo_megatron.weights.transport import _rank0
+
+        paused: list[SGLangServer] = []
+        t0 = time.time()
+        try:
+            if _rank0():
+                for s in self.servers:
+                    s.pause_generation(self.mode)
+                    paused.append(s)
+            t_pause = time.time() - t0
+            out = dict(self.inner.push(version))
+            self.version = version
+        finally:
+            for s in paused:
+                try:
+                    s.continue_generation()
+                except ServerError as e:  # a dead server: the watchdog restarts it
+                    log.warning("%s", str(e).splitlines()[0])
+        out["perf/weight_sync_pause_s"] = t_pause
+        return out
+
+    def close(self) -> None:
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            close()
+
+
+def resolve_router_url(rollout_cfg) -> tuple[str | None, str]:
+    """The external router to use: ``rollout.router_url`` when set, else env
+    ``DRPO_ROUTER_URL``; returns ``(url, where it came from)``."""
+    cfg_url = getattr(rollout_cfg, "router_url", None)
+    env_url = os.environ.get(ROUTER_URL_ENV) or None
+    if cfg_url:
+        if env_url and env_url.rstrip("/") != cfg_url.rstrip("/"):
+            log.warning("rollout.router_url=%s overrides %s=%s", cfg_url, ROUTER_URL_ENV, env_url)
+        return cfg_url, "rollout.router_url"
+    if env_url:
+        return env_url, ROUTER_URL_ENV
+    return None, ""
+
+
+class RolloutSetup:
+    """The rollout side of a run (driver rank): servers, router, transport wrapper and front.
+
+    Use: ``r = RolloutSetup(cfg.rollout, policy, log_dir, driver)``; ``r.start()`` (before the
+    actor builds: servers load meanwhile); ``r.wait_ready()``; ``transport = r.wrap(transport)``;
+    ``front = r.front(resync)``; on error ``r.stop()``.  On a non-driver rank everything is empty
+    and ``front`` is ``None``.
+    """
+
+    def __init__(self, rcfg, policy: str | os.PathLike, log_dir: str | os.PathLike,
+                 driver: bool = True):
+        self.rcfg = rcfg
+        self.policy = Path(policy)
+        self.log_dir = Path(log_dir)
+        self.driver = driver
+        self.router: SGLangRouter | None = None
+        self.servers: list[SGLangServer] = []
+        self.transport: PausedTransport | None = None
+        self.router_url, self.router_url_from = resolve_router_url(rcfg) if driver else (None, "")
+        n = rcfg.num_servers
+        if not driver:
+            return
+        if self.router_url:
+            self.router = SGLangRouter(self.log_dir, url=self.router_url,
+                                       startup_timeout_s=rcfg.server.startup_timeout_s,
+                                       request_timeout_s=rcfg.server.request_timeout_s)
+        else:
+            self.servers = [SGLangServer(self.policy, rcfg.server, self.log_dir, name=f"sglang-{i}")
+                            for i in range(n)]
+            if n > 1 and rcfg.router == "sglang-router":
+                self.router = SGLangRouter(self.log_dir, policy=rcfg.router_policy,
+                                           startup_timeout_s=rcfg.server.startup_timeout_s,
+                                           request_timeout_s=rcfg.server.request_timeout_s)
+
+    def start(self) -> "RolloutSetup":
+        if self.router is not None:
+            self.router.start()
+        if self.servers:
+            self.servers[0].start()
+        return self
+
+    def wait_ready(self) -> None:
+        """Every server healthy at weight version "0" and registered with the router."""
+        if not self.driver:
+            return
+        if self.router is not None and self.router.external:
+            n = self.rcfg.num_servers
+            log.info("external router %s (from %s): not launching servers; waiting for %d "
+                     "workers", self.router.url, self.router_url_from, n)
+            self.router.wait_up()
+            urls = self.router.wait_workers(count=n)
+            self.servers = [SGLangServer.attach(u, self.rcfg.server, self.log_dir,
+                                                name=f"worker-{i}", model_path=self.policy)
+                            for i, u in enumerate(sorted(urls))]
+        else:
+            if self.servers:
+                self.servers[0].wait_healthy()
+            if self.router is not None:
+                self.router.wait_up()
+                self.router.add_worker(self.servers[0].url)
+            for s in self.servers[1:]:  # one at a time: SGLang sizes its KV pool from free RAM
+                s.start().wait_healthy()
+                if self.router is not None:
+                    self.router.add_worker(s.url)
+            if self.router is not None:
+                self.router.wait_workers([s.url for s in self.servers])
+        for s in self.servers:
+            s.set_weight_version("0")
+
+    def wrap(self, transport) -> PausedTransport:
+        self.transport = PausedTransport(transport, self.servers)
+        return self.transport
+
+    def current_version(self) -> str:
+        return str(self.transport.version if self.transport is not None else 0)
+
+    def front(self, resync: Callable[[SGLangServer, int], None] | None = None, *,
+              max_attempts: int = 3):
+        """What the loop generates through: the one server, a client-side :class:`Fleet`, or a
+        :class:`RouterFleet`.  ``resync(server, version)`` pushes ``version`` to one server."""
+        if not self.driver:
+            return None
+        rs = None if resync is None else (lambda s: resync(s, int(self.current_version())))
+        kw = dict(resync=rs, current_version=self.current_version, max_attempts=max_attempts)
+        if self.router is not None:
+            return RouterFleet(self.router, self.servers, **kw)
+        if len(self.servers) > 1:
+            return Fleet(self.servers, **kw)
+        return self.servers[0]
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.stop()
+        if self.router is not None:
+            self.router.stop()
+
+
+def one_server_resync(build_transport: Callable[[list[SGLangServer]], Any]
+                      ) -> Callable[[SGLangServer, int], None]:
+    """A ``resync(server, version)`` that pushes ``version`` through a one-server transport made
+    by ``build_transport([server])`` (closed afterwards); raises unless the server then reports
+    ``weight_version == version``."""
+
+    def resync(s: SGLangServer, version: int) -> None:
+        t = build_transport([s])
+        try:
+            t.push(version=version)
+        finally:
+            close = getattr(t, "close", None)
+            if close is not None:
+                close()
+    return resync
