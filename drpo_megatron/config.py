@@ -153,11 +153,21 @@ class RolloutConfig:
     # see drpo_megatron.rollout.verify).  On in tests, off by default (one extra forward per sync).
     verify_sync: bool = False
     verify_sync_atol: float | None = None
-    # Rollout servers.  With more than one, requests go through a router: "client" is drpo's own
-    # dispatch (one request per prompt group, round-robin, retries, restart + re-sync of a dead
-    # server: drpo_megatron.rollout.fleet); "sglang-router" is not wired yet.
+    # Rollout servers.  With more than one, requests go through a router: "sglang-router"
+    # launches sglang-router (log: logs/router.log; policy router_policy) in front of the
+    # servers (drpo_megatron.rollout.router); "client" is drpo's own dispatch (one request per
+    # prompt group, round-robin: drpo_megatron.rollout.fleet).  Both retry failed requests
+    # (max_attempts), restart a dead server, re-sync it to the current weights and only then
+    # give it requests again; weight pushes go to every server directly, bracketed by
+    # /pause_generation (abort) ... /continue_generation (aborted requests are re-issued).
     num_servers: int = 1
     router: str = "sglang-router"
+    router_policy: str = "round_robin"  # sglang-router --policy: round_robin | cache_aware | ...
+    # An sglang-router somebody else runs (e.g. slurm/disaggregated.sbatch.tmpl): drpo launches
+    # no server, waits (server.startup_timeout_s) until the router lists num_servers healthy
+    # workers, pushes weights to each of them and generates through the router.  Precedence:
+    # this field when set, else env DRPO_ROUTER_URL (set by the SLURM template), else none.
+    router_url: str | None = None
     max_attempts: int = 3  # per request, across servers
     server: ServerConfig = field(default_factory=ServerConfig)
 
@@ -409,10 +419,12 @@ def validate(cfg: RunConfig) -> None:
     positive("rollout.max_attempts", r.max_attempts)
     if r.router not in ("sglang-router", "client"):
         raise ConfigError(f"rollout.router={r.router!r}: choose 'sglang-router' or 'client'")
-    if r.num_servers > 1 and r.router != "client":
-        raise ConfigError(f"rollout.num_servers={r.num_servers} with rollout.router='sglang-router': "
-                          "sglang-router is not wired into drpo yet; set rollout.router: client for "
-                          "drpo's client-side dispatch (round-robin, retries, restart + re-sync)")
+    if r.router_policy not in ("round_robin", "cache_aware", "power_of_two", "random"):
+        raise ConfigError(f"rollout.router_policy={r.router_policy!r}: choose round_robin, "
+                          "cache_aware, power_of_two or random")
+    if r.router_url and r.router == "client":
+        raise ConfigError(f"rollout.router_url={r.router_url!r} with rollout.router='client': an "
+                          "external router needs rollout.router: sglang-router")
     if r.verify_sync_atol is not None and r.verify_sync_atol <= 0:
         raise ConfigError(f"rollout.verify_sync_atol={r.verify_sync_atol} must be > 0 (or null for "
                           "the per-precision default)")

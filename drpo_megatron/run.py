@@ -213,6 +213,14 @@ class Components:
             self._bar.set_postfix(reward=f"{metrics.get('rollout/reward_mean', 0):.3f}")
 
     def close(self) -> None:
+        # the transport first (the distributed one holds a process group with the servers), then
+        # the front: servers we launched and the router (an external router's are left alone)
+        close = getattr(self.transport, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception as e:  # noqa: BLE001 - teardown goes on
+                log.warning("closing the weight transport: %s", e)
         for s in self.servers:
             s.stop()
         if self.writers is not None:
@@ -320,10 +328,12 @@ def build_components(cfg: RunConfig) -> Components:
     # start the servers first: they load while the actor builds
     # server logs: <output_dir>/logs, or the SLURM job's log dir (slurm/*.sbatch.tmpl export it)
     server_logs = Path(os.environ.get("DRPO_SERVER_LOG_DIR") or run_dir / "logs")
-    servers = [SGLangServer(policy, cfg.rollout.server, server_logs, name=f"sglang-{i}")
-               for i in range(cfg.rollout.num_servers)]
-    server = servers[0].start()
+    # (rollout/router.py: N servers, sglang-router in front when N > 1, or an external router)
+    from drpo_megatron.rollout.router import RolloutSetup, one_server_resync
+
+    rollout = RolloutSetup(cfg.rollout, policy, server_logs)
     try:
+        rollout.start()
         init_distributed()
         actor = MegatronActor(ActorConfig(
             hf_path=str(policy), dtype=cfg.model.dtype, lr=cfg.optim.lr,
@@ -331,14 +341,10 @@ def build_components(cfg: RunConfig) -> Components:
             adam_betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2), loss_name=cfg.loss.name,
             loss_params=cfg.loss.params, aggregation=cfg.loss.aggregation,
             horizon=cfg.loss.horizon, temperature=cfg.rollout.temperature, seed=cfg.train.seed))
-        server.wait_healthy()
-        for s in servers[1:]:  # one at a time: SGLang sizes its KV pool from RAM seen at load
-            s.start().wait_healthy()
-        for s in servers:
-            s.set_weight_version("0")
+        rollout.wait_ready()  # every server healthy at version "0" (and registered)
+        servers = rollout.servers
     except BaseException:
-        for s in servers:
-            s.stop()
+        rollout.stop()
         raise
     from drpo_megatron.training.flops import FlopsModel, device_peak_flops
 
@@ -349,6 +355,7 @@ def build_components(cfg: RunConfig) -> Components:
     transport = build_transport(cfg.rollout.weight_transport, actor, servers, run_dir / "weights",
                                 precision=cfg.rollout.precision,
                                 bucket_mb=cfg.rollout.weight_bucket_mb)
+    transport = rollout.wrap(transport)  # every push bracketed by pause (abort) ... continue
     if cfg.rollout.verify_sync:
         from drpo_megatron.models.tiny import prompt_ids
         from drpo_megatron.rollout.verify import DEFAULT_ATOL, VerifiedTransport, actor_reference
@@ -359,25 +366,12 @@ def build_components(cfg: RunConfig) -> Components:
             atol=cfg.rollout.verify_sync_atol or DEFAULT_ATOL[cfg.rollout.precision])
     if cfg.rollout.precision != "bf16":
         transport.push(version=0)  # the server loaded unquantized weights: send version 0 as FP8
-    if len(servers) > 1:
-        # the loop talks to the fleet as if it were one server; a restarted server is re-synced
-        # with a one-server transport to the version the others serve before it takes requests
-        from drpo_megatron.rollout.fleet import Fleet
-
-        def resync(s):
-            version = int(next(o for o in servers if o is not s).weight_version())
-            t = build_transport(cfg.rollout.weight_transport, actor, [s], run_dir / "weights-resync",
-                                precision=cfg.rollout.precision,
-                                bucket_mb=cfg.rollout.weight_bucket_mb)
-            try:
-                t.push(version=version)  # raises unless s reports weight_version == version
-            finally:
-                if hasattr(t, "close"):
-                    t.close()
-
-        front = Fleet(servers, resync=resync, max_attempts=cfg.rollout.max_attempts)
-    else:
-        front = server
+    # the loop talks to one server, a Fleet or a RouterFleet alike; a restarted server is
+    # re-synced with a one-server transport to the last pushed version before it takes requests
+    front = rollout.front(one_server_resync(lambda ss: build_transport(
+        cfg.rollout.weight_transport, actor, ss, run_dir / "weights-resync",
+        precision=cfg.rollout.precision, bucket_mb=cfg.rollout.weight_bucket_mb)),
+        max_attempts=cfg.rollout.max_attempts)
     return Components(cfg=cfg, run_dir=run_dir, tokenizer=tokenizer, train_set=train_set,
                       eval_set=eval_set, actor=actor, servers=[front], transport=transport,
                       writers=writers, reward_fn=reward_fn, pad_id=tokenizer.pad_token_id,
