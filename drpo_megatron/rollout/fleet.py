@@ -1,5 +1,6 @@
 """A fleet of SGLang servers with client-side dispatch, retries, a health watchdog and
-restart + re-sync of dead servers (``rollout.num_servers > 1`` with ``rollout.router: client``).
+restart + re-sync of dead servers (``rollout.num_servers > 1`` with ``rollout.router: client``;
+the sglang-router front in ``rollout/router.py`` builds on it).
 
 Every prompt group is one ``/generate`` request (``n`` samples of one prompt stay on one server,
 so a group never mixes weight versions).  Groups are dispatched round-robin over the healthy
@@ -8,7 +9,10 @@ server died, timed out, or answered malformed output) is retried on another serv
 ``max_attempts`` times per group; the failing server is restarted, re-synced to the trainer's
 current weights through the ``resync`` callback *before* it is given any request again, and its
 ``weight_version`` is checked.  Either every group of the step comes back, or the step raises
-naming the groups and servers that failed: samples are never silently dropped.
+naming the groups and servers that failed: samples are never silently dropped.  A request that
+comes back aborted (``/pause_generation`` around a weight update) is re-issued whole and does
+not count as a failure.  :class:`~drpo_megatron.rollout.router.RouterFleet` reuses this
+dispatch with sglang-router in front (``rollout.router: sglang-router``).
 """
 
 from __future__ import annotations

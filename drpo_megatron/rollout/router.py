@@ -255,8 +255,9 @@ class RouterFleet(Fleet):
         super().__init__(servers, **fleet_kw)
         self.router = router
         cfg = client_cfg or self.servers[0].cfg
-        self.client = router.client(cfg)
         self.inflight = max(1, inflight_per_worker * len(self.servers))
+        # one router client (own HTTP session) per lane: lanes run in parallel threads
+        self.clients = [router.client(cfg) for _ in range(self.inflight)]
         self.register_timeout_s = register_timeout_s
 
     @property
@@ -267,7 +268,7 @@ class RouterFleet(Fleet):
     def _lanes(self, down: set[str]) -> list[tuple[str, Any]]:
         if all(s.name in down for s in self.servers):
             return []
-        return [(f"lane-{i}", self.client) for i in range(self.inflight)]
+        return [(f"lane-{i}", c) for i, c in enumerate(self.clients)]
 
     def _pool_size(self) -> int:
         return self.inflight
