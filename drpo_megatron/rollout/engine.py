@@ -168,6 +168,11 @@ def rollout_metrics(samples: Sequence[Sample], current_version: str | None = Non
         "rollout/nonfinite_logprob_tokens": float(sum(
             sum(1 for v in s.rollout_logp if not math.isfinite(v)) for s in samples)),
     }
+    with_topk = [s for s in samples if s.topk_ids is not None]
+    if with_topk:  # DPPO top-K: how often y_t is among µ's top-K (else it gets its own bucket)
+        hits = sum(t in row for s in with_topk for t, row in zip(s.response_ids, s.topk_ids))
+        out["rollout/sampled_in_topk_frac"] = hits / max(
+            sum(s.num_response_tokens for s in with_topk), 1)
     if current_version is not None:
         try:
             cur = int(current_version)

@@ -265,3 +265,15 @@ def test_malformed_top_logprobs_raise(meta, match):
     with pytest.raises(ServerError, match=match):
         parse_sample(_out(**meta), group_id=3, prompt_ids=[1], answer="", server_name="s-0",
                      top_k=2)
+
+
+def test_rollout_metrics_sampled_in_topk_frac():
+    from drpo_megatron.rollout.engine import rollout_metrics
+
+    s = parse_sample(_out(), group_id=0, prompt_ids=[1], answer="", server_name="s", top_k=2)
+    # tokens 7, 8 are in their rows [7, 9], [4, 8]
+    assert rollout_metrics([s])["rollout/sampled_in_topk_frac"] == 1.0
+    s.topk_ids = [[7, 9], [4, 5]]
+    assert rollout_metrics([s])["rollout/sampled_in_topk_frac"] == 0.5
+    s.topk_ids = None
+    assert "rollout/sampled_in_topk_frac" not in rollout_metrics([s])
