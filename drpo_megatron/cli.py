@@ -34,6 +34,9 @@ def _train(argv: list[str]) -> int:
         overrides.setdefault("train", {})["resume"] = "must"
     try:
         cfg = load_config(args.config, overrides)
+        from drpo_megatron.run import check_world_size
+
+        check_world_size(cfg)  # the launch matches parallel.num_nodes * gpus_per_node
     except ConfigError as e:
         print(f"drpo train: config error: {e}", file=sys.stderr)
         return 2

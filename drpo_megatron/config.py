@@ -37,6 +37,10 @@ class ModelConfig:
     # blocks, FP32 scales: NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1, fp8 params off; router,
     # embeddings, LM head and norms stay in model.dtype, which must then be bf16).
     fp8: str = ""
+    # MoE load-balancing (aux) loss coefficient added to the policy loss; None = the checkpoint's
+    # router_aux_loss_coef. Megatron computes it per micro-batch on each data-parallel rank's
+    # tokens, so with it on, the gradient depends (slightly) on the DP layout.
+    moe_aux_loss_coeff: float | None = None
     # Architecture numbers for `drpo plan` (HF config.json names). Zeros: read from
     # hf_path/config.json when that directory exists.
     arch: ArchConfig = field(default_factory=lambda: ArchConfig())
@@ -86,7 +90,9 @@ class ParallelConfig:
     gpus_per_node: int = 1
     rollout_nodes: int = 0
     rollout_tp: int = 1  # SGLang tensor parallel size of one server
-    micro_batch_size: int = 1  # sequences per training micro-batch (per DP rank)
+    # sequences per training micro-batch (per DP rank). 64 = the embedded CPU run's whole
+    # per-update mini-batch in one micro-batch (CPU matmuls want rows); GPU configs use 1-4.
+    micro_batch_size: int = 64
     recompute: str = "none"  # activation recomputation: none | selective | full
     use_distributed_optimizer: bool = True
     gpu_memory_gb: float = 80.0  # per-GPU memory `drpo plan` fits into
@@ -209,9 +215,12 @@ class TrainConfig:
     # "auto": continue from <output_dir>/checkpoint when it exists (`drpo train --resume` makes
     # a missing checkpoint an error: "must"); "never": always start at step 1.
     resume: str = "auto"
-    # Per-sample SGLang sampling seeds derived from (seed, step, prompt, sample): rollouts are
-    # reproducible across fresh servers with the same history (a server restarted mid-run, as on
-    # resume, draws different samples: docs/parallelism.md); false = SGLang's own RNG.
+    # Per-sample SGLang sampling seeds derived from (seed, step, prompt, sample): a sample
+    # depends only on its seed and the weights, not on what the server did before, so a resumed
+    # run draws the samples the uninterrupted run drew (docs/parallelism.md).  SGLang honours
+    # seeds only in deterministic mode: on GPU the servers get --enable-deterministic-inference
+    # (batch-invariant kernels, slower rollouts); on CPU drpo's platform layer enables SGLang's
+    # seeded sampler (drpo_megatron/platform/sglang_cpu.py).  false = SGLang's own RNG.
     seeded_rollouts: bool = True
 
 

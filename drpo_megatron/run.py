@@ -25,18 +25,25 @@ from drpo_megatron.rollout.engine import Sample, generate_groups, rollout_metric
 
 log = logging.getLogger("drpo")
 
+# SGLang uses a request's sampling_seed only in deterministic mode (on CPU see platform/sglang_cpu)
+DETERMINISTIC_FLAG = "--enable-deterministic-inference"
+
 
 def setup_run_dir(cfg: RunConfig) -> Path:
-    """Create ``output_dir`` with ``config.yaml`` (resolved) and ``logs/trainer.log``."""
+    """Create ``output_dir`` with ``config.yaml`` (resolved) and ``logs/trainer.log`` (rank 0;
+    the other training ranks log to ``logs/trainer-rank<r>.log``)."""
     run_dir = Path(cfg.output_dir).expanduser().resolve()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, run_dir / "config.yaml")
+    rank = int(os.environ.get("RANK", "0"))  # before the process group exists
+    if rank == 0:
+        tmp = run_dir / ".config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        os.replace(tmp, run_dir / "config.yaml")
     root = logging.getLogger()
     root.setLevel(logging.INFO)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    fh = logging.FileHandler(run_dir / "logs" / "trainer.log")
+    fmt = logging.Formatter(f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
+    fh = logging.FileHandler(run_dir / "logs" / ("trainer.log" if rank == 0 else
+                                                 f"trainer-rank{rank}.log"))
     fh.setFormatter(fmt)
     root.addHandler(fh)
     # Megatron logs every parameter of every bucket at INFO; keep its warnings only.
@@ -62,10 +69,18 @@ class Components:
     peak_flops: float = float("nan")
     cursor: int = 0
     order: list = field(default_factory=list)
+    driver: bool = True  # this rank drives SGLang, scores, logs (training/ranks.py)
     _bar: Any = None
     _old_logp: Any = None
 
     # -------------------------------------------------------------- loop steps
+    def share(self, value):
+        """The driver rank's ``value`` (its samples with rewards and advantages, a stop
+        decision ...) on every training rank (collective; identity with one process)."""
+        from drpo_megatron.training.ranks import share
+
+        return share(value)
+
     def rollout(self, prompts, answers, *, version: int, step: int | None = None,
                 first_group: int = 0) -> list[Sample]:
         """``samples_per_prompt`` samples of each prompt, group-major, group ids from
@@ -114,6 +129,8 @@ class Components:
 
     def record(self, step: int, samples: Sequence[Sample]) -> None:
         """Append the step's samples (ids, µ, reward, advantage, version) to rollouts.jsonl."""
+        if not self.driver:
+            return
         with open(self.run_dir / "rollouts.jsonl", "a") as fh:
             for s in samples:
                 fh.write(json.dumps({"step": step, "group_id": s.group_id, "prompt_ids": s.prompt_ids,
@@ -198,10 +215,13 @@ class Components:
         from tqdm import tqdm
 
         self._bar = tqdm(it, desc="DRPO steps", unit="step", dynamic_ncols=True,
-                         disable=not sys.stderr.isatty() and os.environ.get("DRPO_PROGRESS") != "1")
+                         disable=not self.driver or (not sys.stderr.isatty()
+                                                     and os.environ.get("DRPO_PROGRESS") != "1"))
         return self._bar
 
     def show(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.driver:
+            return
         msg = (f"step {step}: reward {metrics.get('rollout/reward_mean', float('nan')):.3f} "
                f"loss {metrics.get('loss/policy_loss', float('nan')):+.4f} "
                f"|logp-mu| {metrics.get('mismatch/logprob_abs_diff', float('nan')):.2e} "
@@ -281,9 +301,12 @@ def next_prompts(c: Components, k: int) -> tuple[list[list[int]], list[str]]:
 
 
 def evaluate(c: Components, *, version: int) -> dict[str, float]:
-    """avg@k accuracy on the held-out set at the rollout temperature (the paper's protocol)."""
+    """avg@k accuracy on the held-out set at the rollout temperature (the paper's protocol);
+    run by the driver rank (the others return no metrics)."""
     from drpo_megatron.models.tiny import prompt_ids
 
+    if not c.driver:
+        return {}
     t0 = time.time()
     k = c.cfg.train.eval_samples_per_prompt
     r = c.cfg.rollout
@@ -305,7 +328,8 @@ def build_components(cfg: RunConfig) -> Components:
     from drpo_megatron.models.tiny import ensure_tiny_checkpoint
     from drpo_megatron.rewards import build_reward
     from drpo_megatron.rollout.server import SGLangServer
-    from drpo_megatron.training.actor import ActorConfig, MegatronActor
+    from drpo_megatron.training.actor import MegatronActor
+    from drpo_megatron.training.ranks import is_driver
     from drpo_megatron.weights.transport import WEIGHT_TRANSPORTS, build_transport
 
     # cheap checks first: nothing below starts before these pass
@@ -313,34 +337,42 @@ def build_components(cfg: RunConfig) -> Components:
     reward_fn = build_reward("math_verify_boxed")
     if cfg.rollout.weight_transport not in WEIGHT_TRANSPORTS:
         build_transport(cfg.rollout.weight_transport, None, [], ".")  # raises the clear error
+    check_world_size(cfg)
 
     run_dir = setup_run_dir(cfg)
+    par = cfg.parallel
+    init_distributed(par.tp, par.pp, par.ep, etp=par.etp, seed=cfg.train.seed)
+    driver = is_driver()
     torch.manual_seed(cfg.train.seed)
-    policy = Path(cfg.model.hf_path).expanduser() if cfg.model.hf_path else \
-        ensure_tiny_checkpoint(cfg.model.cache_dir, cfg.model.tiny,
-                                                          max_operand=cfg.task.max_operand)
+    if cfg.model.hf_path:
+        policy = Path(cfg.model.hf_path).expanduser()
+    else:  # the driver builds the embedded checkpoint (once, cached); the others then reuse it
+        if driver:
+            policy = ensure_tiny_checkpoint(cfg.model.cache_dir, cfg.model.tiny,
+                                            max_operand=cfg.task.max_operand)
+        torch.distributed.barrier()
+        if not driver:
+            policy = ensure_tiny_checkpoint(cfg.model.cache_dir, cfg.model.tiny,
+                                            max_operand=cfg.task.max_operand)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(policy))
     train_set, eval_set = train_eval_split(cfg.task.num_train, cfg.task.num_eval, seed=cfg.task.seed,
                                            max_operand=cfg.task.max_operand)
 
-    # start the servers first: they load while the actor builds
+    # the driver rank starts the servers first: they load while the actor builds
+    if cfg.train.seeded_rollouts and torch.cuda.is_available() and \
+            DETERMINISTIC_FLAG not in cfg.rollout.server.extra_args:
+        cfg.rollout.server.extra_args.append(DETERMINISTIC_FLAG)  # sampling_seed needs it on GPU
     # server logs: <output_dir>/logs, or the SLURM job's log dir (slurm/*.sbatch.tmpl export it)
     server_logs = Path(os.environ.get("DRPO_SERVER_LOG_DIR") or run_dir / "logs")
     # (rollout/router.py: N servers, sglang-router in front when N > 1, or an external router)
     from drpo_megatron.rollout.router import RolloutSetup, one_server_resync
 
-    rollout = RolloutSetup(cfg.rollout, policy, server_logs)
+    rollout = RolloutSetup(cfg.rollout, policy, server_logs, driver)
     try:
         rollout.start()
-        init_distributed()
-        actor = MegatronActor(ActorConfig(
-            hf_path=str(policy), dtype=cfg.model.dtype, lr=cfg.optim.lr,
-            weight_decay=cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip,
-            adam_betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2), loss_name=cfg.loss.name,
-            loss_params=cfg.loss.params, aggregation=cfg.loss.aggregation,
-            horizon=cfg.loss.horizon, temperature=cfg.rollout.temperature, seed=cfg.train.seed))
+        actor = MegatronActor(actor_config(cfg, policy))
         rollout.wait_ready()  # every server healthy at version "0" (and registered)
         servers = rollout.servers
     except BaseException:
@@ -351,7 +383,7 @@ def build_components(cfg: RunConfig) -> Components:
     flops_model = FlopsModel.from_hf_config(json.loads((policy / "config.json").read_text()))
     device, peak = device_peak_flops("bf16")
     log.info("MFU is relative to %s peak %.3g FLOP/s", device, peak)
-    writers = build_writers(cfg.logging.writers, run_dir)
+    writers = build_writers(cfg.logging.writers if driver else [], run_dir)
     transport = build_transport(cfg.rollout.weight_transport, actor, servers, run_dir / "weights",
                                 precision=cfg.rollout.precision,
                                 bucket_mb=cfg.rollout.weight_bucket_mb)
@@ -366,13 +398,49 @@ def build_components(cfg: RunConfig) -> Components:
             atol=cfg.rollout.verify_sync_atol or DEFAULT_ATOL[cfg.rollout.precision])
     if cfg.rollout.precision != "bf16":
         transport.push(version=0)  # the server loaded unquantized weights: send version 0 as FP8
-    # the loop talks to one server, a Fleet or a RouterFleet alike; a restarted server is
-    # re-synced with a one-server transport to the last pushed version before it takes requests
+    # the loop talks to one server, a Fleet or a RouterFleet alike (None on non-driver ranks); a
+    # restarted server is re-synced with a one-server transport to the last pushed version
+    # before it takes requests
     front = rollout.front(one_server_resync(lambda ss: build_transport(
         cfg.rollout.weight_transport, actor, ss, run_dir / "weights-resync",
         precision=cfg.rollout.precision, bucket_mb=cfg.rollout.weight_bucket_mb)),
         max_attempts=cfg.rollout.max_attempts)
     return Components(cfg=cfg, run_dir=run_dir, tokenizer=tokenizer, train_set=train_set,
-                      eval_set=eval_set, actor=actor, servers=[front], transport=transport,
-                      writers=writers, reward_fn=reward_fn, pad_id=tokenizer.pad_token_id,
-                      flops_model=flops_model, peak_flops=peak)
+                      eval_set=eval_set, actor=actor, servers=[front] if driver else [],
+                      transport=transport, writers=writers, reward_fn=reward_fn,
+                      pad_id=tokenizer.pad_token_id, flops_model=flops_model, peak_flops=peak,
+                      driver=driver)
+
+
+def check_world_size(cfg: RunConfig) -> None:
+    """The processes this run was launched with must be the layout's world
+    (``parallel.num_nodes * parallel.gpus_per_node``), checked before anything starts."""
+    from drpo_megatron.config import ConfigError
+
+    par = cfg.parallel
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != par.world_size:
+        raise ConfigError(
+            f"parallel.num_nodes*gpus_per_node={par.world_size} (tp={par.tp}, pp={par.pp}, "
+            f"ep={par.ep}) but this run has WORLD_SIZE={launched} processes; launch it with "
+            f"`torchrun --nproc-per-node {par.gpus_per_node} -m drpo_megatron.cli train ...` on "
+            f"{par.num_nodes} node(s), or set parallel.gpus_per_node: {launched}")
+
+
+def actor_config(cfg: RunConfig, policy: Path):
+    """The Megatron actor's config from the run config (parallel layout, precision, optimizer,
+    loss, temperature)."""
+    from drpo_megatron.training.actor import ActorConfig
+
+    par = cfg.parallel
+    return ActorConfig(
+        hf_path=str(policy), dtype=cfg.model.dtype, fp8=cfg.model.fp8, tp=par.tp, pp=par.pp,
+        ep=par.ep, etp=par.etp, sequence_parallel=par.sequence_parallel,
+        use_distributed_optimizer=par.use_distributed_optimizer,
+        micro_batch_size=par.micro_batch_size, lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip,
+        adam_betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2), loss_name=cfg.loss.name,
+        loss_params=cfg.loss.params, aggregation=cfg.loss.aggregation, horizon=cfg.loss.horizon,
+        temperature=cfg.rollout.temperature, seed=cfg.train.seed,
+        model_overrides=({} if cfg.model.moe_aux_loss_coeff is None else
+                         {"moe_aux_loss_coeff": cfg.model.moe_aux_loss_coeff}))

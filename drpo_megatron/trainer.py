@@ -61,16 +61,20 @@ def train(cfg: RunConfig) -> dict[str, float]:
             t_step = time.time()
             metrics: dict[str, float] = {}
 
-            # 1. generate: n samples per prompt from SGLang, with per-token log-probs µ, and
-            # 2. reward them (math-verify on \boxed{} answers; rollout.overlong): one call,
-            #    because dynamic sampling (rollout.dynamic_filter) generates more prompts until
-            #    enough groups have non-equal rewards; it times both parts
-            #    (perf/rollout_time_s, perf/reward_time_s)
-            samples, sampling_metrics = c.generate_and_score(step)
-            metrics.update(sampling_metrics)
+            # 1-3 run on the driver rank (it talks to SGLang), then go to every training rank
+            samples = None
+            if c.driver:  # the data cursor that checkpoints save is the driver's
+                # 1. generate: n samples per prompt from SGLang, with per-token log-probs µ, and
+                # 2. reward them (math-verify on \boxed{} answers; rollout.overlong): one call,
+                #    because dynamic sampling (rollout.dynamic_filter) generates more prompts until
+                #    enough groups have non-equal rewards; it times both parts
+                #    (perf/rollout_time_s, perf/reward_time_s)
+                samples, sampling_metrics = c.generate_and_score(step)
+                metrics.update(sampling_metrics)
 
-            # 3. group advantages
-            c.assign_advantages(samples)
+                # 3. group advantages
+                c.assign_advantages(samples)
+            samples = c.share(samples)
             metrics.update(c.rollout_metrics(samples, current_version=step - 1))
             c.record(step, samples)
 
@@ -96,7 +100,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
             # 7. save (every train.save_every steps; always after the last step; and on a stop
             #    request: stop file / SIGTERM / SIGUSR1 -> checkpoint, exit 75, SLURM requeues)
             every = cfg.train.save_every
-            stop = stopper.requested()
+            stop = c.share(stopper.requested())  # the driver's decision: save is collective
             if stop or step == cfg.train.max_steps or (every and step % every == 0):
                 save(c, step)
             if stop and step < cfg.train.max_steps:

@@ -68,18 +68,26 @@ def probe_server_sampled(server: SGLangServer, probe_ids: list[int], n: int = PR
             for o in outs]
 
 
-def verify_sync(servers: Sequence[SGLangServer], version: int, probe_ids: list[int],
-                reference_logprobs: Callable[[Sample], torch.Tensor], *, atol: float,
-                max_new_tokens: int = PROBE_MAX_NEW_TOKENS,
-                num_sampled: int = PROBE_SAMPLES) -> dict[str, float]:
-    """Raise :class:`WeightSyncMismatch` unless every server matches the reference (see module
-    doc); returns ``sync/`` metrics (the largest gap over servers).  Log-probs are compared on
-    the greedy decode and on ``num_sampled`` seeded temperature-1 samples."""
+def probe_all(servers: Sequence[SGLangServer], probe_ids: list[int], *,
+              max_new_tokens: int = PROBE_MAX_NEW_TOKENS,
+              num_sampled: int = PROBE_SAMPLES) -> list[list[Sample]]:
+    """Per server: the greedy probe decode followed by ``num_sampled`` seeded samples."""
+    out = []
+    for s in servers:
+        greedy = probe_server(s, probe_ids, max_new_tokens)
+        extra = probe_server_sampled(s, probe_ids, num_sampled, max_new_tokens) if num_sampled else []
+        out.append([greedy, *extra])
+    return out
+
+
+def compare_probes(servers: Sequence[SGLangServer], version: int, probes: list[list[Sample]],
+                   refs: list[list[torch.Tensor]], *, atol: float) -> dict[str, float]:
+    """Raise :class:`WeightSyncMismatch` unless every server's probe samples (``probes[i]``,
+    greedy first) agree with the trainer's log-probs of the same tokens (``refs[i]``)."""
     first: Sample | None = None
     worst = 0.0
-    for s in servers:
-        sample = probe_server(s, probe_ids, max_new_tokens)
-        extra = probe_server_sampled(s, probe_ids, num_sampled, max_new_tokens) if num_sampled else []
+    for s, group, group_refs in zip(servers, probes, refs):
+        sample = group[0]
         if sample.weight_version != str(version):
             raise WeightSyncMismatch(
                 f"weight sync check: {s.name} answered the probe at weight_version "
@@ -90,17 +98,17 @@ def verify_sync(servers: Sequence[SGLangServer], version: int, probe_ids: list[i
                 f"greedily as {sample.response_ids}, {servers[0].name} as {first.response_ids}; the "
                 f"servers do not hold the same weights (logs: {s.log_path}, {servers[0].log_path})")
         first = first or sample
-        refs, mus, toks = [], [], []
-        for smp in [sample, *extra]:
-            r = reference_logprobs(smp).float().flatten()
+        ref_l, mus, toks = [], [], []
+        for smp, r in zip(group, group_refs):
+            r = r.float().flatten()
             m = torch.tensor(smp.rollout_logp, dtype=torch.float32)
             if r.shape != m.shape:
                 raise WeightSyncMismatch(f"weight sync check: trainer gave {tuple(r.shape)} "
                                          f"log-probs for {m.numel()} probe tokens of {s.name}")
-            refs.append(r)
+            ref_l.append(r)
             mus.append(m)
             toks.extend(smp.response_ids)
-        ref, mu = torch.cat(refs), torch.cat(mus)
+        ref, mu = torch.cat(ref_l), torch.cat(mus)
         diff = (ref - mu).abs()
         if not torch.isfinite(diff).all():
             raise WeightSyncMismatch(f"weight sync check failed: {s.name} at weight version "
@@ -120,6 +128,42 @@ def verify_sync(servers: Sequence[SGLangServer], version: int, probe_ids: list[i
     return {"sync/probe_max_logprob_diff": worst}
 
 
+def verify_sync(servers: Sequence[SGLangServer], version: int, probe_ids: list[int],
+                reference_logprobs: Callable[[Sample], torch.Tensor], *, atol: float,
+                max_new_tokens: int = PROBE_MAX_NEW_TOKENS,
+                num_sampled: int = PROBE_SAMPLES) -> dict[str, float]:
+    """Raise :class:`WeightSyncMismatch` unless every server matches the reference (see module
+    doc); returns ``sync/`` metrics (the largest gap over servers).  Log-probs are compared on
+    the greedy decode and on ``num_sampled`` seeded temperature-1 samples.
+
+    Collective when the trainer has several ranks: the driver rank (the only one holding
+    ``servers``) probes, the probe samples go to every rank, every rank runs the reference
+    forward (model-parallel), the driver compares, and a failure raises on every rank."""
+    from drpo_megatron.training.ranks import is_driver, raise_everywhere, share
+
+    probes: list[list[Sample]] | BaseException | None = None
+    if is_driver():
+        try:
+            probes = probe_all(servers, probe_ids, max_new_tokens=max_new_tokens,
+                               num_sampled=num_sampled)
+        except BaseException as e:  # noqa: BLE001 - re-raised on every rank below
+            probes = e
+    probes = share(probes)
+    if isinstance(probes, BaseException):
+        if is_driver():
+            raise probes
+        raise RuntimeError(f"the driver rank failed the weight sync probe: {probes}")
+    refs = [[reference_logprobs(smp) for smp in group] for group in probes]
+    metrics, error = {}, None
+    if is_driver():
+        try:
+            metrics = compare_probes(servers, version, probes, refs, atol=atol)
+        except WeightSyncMismatch as e:
+            error = e
+    raise_everywhere(error)
+    return share(metrics)
+
+
 def actor_reference(actor, pad_id: int) -> Callable[[Sample], torch.Tensor]:
     """The trainer's log-probs of a probe sample at temperature 1 (the greedy probe's scale)."""
 
@@ -135,8 +179,8 @@ def actor_reference(actor, pad_id: int) -> Callable[[Sample], torch.Tensor]:
 
 
 class VerifiedTransport:
-    """Wraps a transport: every ``push`` is followed by :func:`verify_sync` (single trainer
-    process: the server probes and the trainer forward run in the driving process)."""
+    """Wraps a transport: every ``push`` is followed by :func:`verify_sync` (collective over the
+    training ranks; ``servers`` is empty on all but the driver rank)."""
 
     def __init__(self, inner, servers: Sequence[SGLangServer], probe_ids: list[int],
                  reference_logprobs: Callable[[Sample], torch.Tensor], atol: float):

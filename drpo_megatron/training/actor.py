@@ -48,6 +48,8 @@ class ActorConfig:
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    etp: int | None = None  # expert tensor parallel (None: Megatron's default, tp)
+    sequence_parallel: bool | None = None  # None: on when tp > 1 (required for MoE + TP)
     lr: float = 1e-4
     weight_decay: float = 0.01
     grad_clip: float = 1.0
@@ -93,7 +95,8 @@ class MegatronActor:
         self.loss_cfg = make_loss_config(cfg.loss_name, cfg.loss_params)
         t0 = time.time()
         self.bridge, self.provider, self.model = mm.load_policy_from_hf(
-            cfg.hf_path, dtype=cfg.dtype, tp=cfg.tp, pp=cfg.pp, ep=cfg.ep, wrap_ddp=True,
+            cfg.hf_path, dtype=cfg.dtype, tp=cfg.tp, pp=cfg.pp, ep=cfg.ep, etp=cfg.etp,
+            seq_parallel=cfg.sequence_parallel, wrap_ddp=True,
             use_distributed_optimizer=cfg.use_distributed_optimizer, seed=cfg.seed,
             overrides=cfg.model_overrides or None, fp8=_precision(cfg))
         self.optimizer = mm.build_optimizer(
@@ -195,7 +198,7 @@ class MegatronActor:
         self._entropy.clear()
         for m in self.model:
             m.train()
-        return results
+        return _from_last_stage(results)
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, samples: Sequence[Sample], pad_id: int, *,
@@ -310,6 +313,20 @@ class MegatronActor:
         optimizer and restore this rank's RNG states; returns ``(step, extra_state)``."""
         step = self._mm.load_megatron_checkpoint(self.model, self.optimizer, ckpt_dir)
         return step, self._mm.load_trainer_state(ckpt_dir)
+
+
+def _from_last_stage(results: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Under pipeline parallelism only the last stage computes log-probs; every stage gets
+    them (broadcast over the pipeline group), so the mismatch monitor, the π_old anchor and the
+    sync check see the same values on every rank."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return results
+    from drpo_megatron.training.ranks import share
+
+    return share(results, src=ps.get_pipeline_model_parallel_last_rank(),
+                 group=ps.get_pipeline_model_parallel_group())
 
 
 def _precision(cfg: ActorConfig):

@@ -17,8 +17,9 @@ MOE_ARCH = dict(architecture="Qwen3MoeForCausalLM", hidden_size=8, num_hidden_la
 
 
 def _cfg(arch, parallel, **model):
+    # the hand-computed numbers below are for one sequence per micro-batch (a GPU layout)
     return load_config(None, {"model": {"dtype": "bf16", "arch": arch, **model},
-                              "parallel": parallel})
+                              "parallel": {"micro_batch_size": 1, **parallel}})
 
 
 def _b(gib):  # GiB -> bytes

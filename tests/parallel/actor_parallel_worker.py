@@ -23,6 +23,7 @@ LAYOUTS = {
     "pp2": dict(tp=1, pp=2, ep=1, use_distributed_optimizer=False),
     "ep2": dict(tp=1, pp=1, ep=2, use_distributed_optimizer=False),  # EP2 x DP2 (dense params)
     "dp2": dict(tp=1, pp=1, ep=1, use_distributed_optimizer=True),
+    "ep2_distopt": dict(tp=1, pp=1, ep=2, use_distributed_optimizer=True),  # EP2 x DP2, sharded Adam
 }
 STEPS = 2
 NUM_SAMPLES = 8

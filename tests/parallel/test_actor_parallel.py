@@ -78,14 +78,14 @@ def test_single_process_chunked_logprobs_equal_logits_path(single):
     assert step1["grad_norm"] == pytest.approx(ref["grad_norm"], rel=RTOL)
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "ep2", "dp2"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "ep2", "dp2", "ep2_distopt"])
 def test_layout_equals_single_process(hf_dir, single, layout):
     out = hf_dir.parent / f"{layout}.json"
     _run(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
           "--master-addr", "127.0.0.1", "--master-port", str(_port()), WORKER, hf_dir, layout, out],
          timeout=300)
     res = json.loads(out.read_text())
-    assert res["dp"] == (2 if layout in ("ep2", "dp2") else 1)
+    assert res["dp"] == (2 if layout in ("ep2", "dp2", "ep2_distopt") else 1)
     assert len(res["steps"]) == len(single["steps"])
     for got, ref in zip(res["steps"], single["steps"]):
         assert got["loss"] == pytest.approx(ref["loss"], rel=RTOL), (layout, res, single)

@@ -1,0 +1,48 @@
+"""Who does what when the trainer runs as several processes (torchrun / srun).
+
+Every training rank builds its shard of the Megatron model and takes part in every collective
+(forward/backward, optimizer, weight export, checkpoints).  One rank, the *driver* (global rank
+0), also talks to the rollout servers, computes rewards, writes metrics and shows progress; what
+it produced is then shared with the other ranks by :func:`share` (a pickled broadcast over the
+default process group: samples are small host-side lists, not tensors on a device).
+
+Single process (no process group): the driver is the only rank and :func:`share` is the identity.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import torch.distributed as dist
+
+DRIVER_RANK = 0  # the rank that drives SGLang, logs and writes run files
+
+T = TypeVar("T")
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_driver() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == DRIVER_RANK
+
+
+def share(obj: T, src: int = DRIVER_RANK, group: Any = None) -> T:
+    """``obj`` of rank ``src`` on every rank of ``group`` (default: all ranks); collective.
+    Ranks other than ``src`` pass anything (their value is ignored)."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def raise_everywhere(error: BaseException | None) -> None:
+    """Collective: if the driver hit ``error``, every rank raises it (a driver-only exception
+    would leave the other ranks blocked in their next collective until the timeout)."""
+    shared = share(error)
+    if shared is not None:
+        if error is not None:
+            raise error
+        raise RuntimeError(f"the driver rank failed: {shared}") from shared
