@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -43,6 +44,11 @@ log = logging.getLogger(__name__)
 
 ROUTER_URL_ENV = "DRPO_ROUTER_URL"
 ROUTER_POLICIES = ("round_robin", "cache_aware", "power_of_two", "random")
+
+
+def plain_tail(path: Path) -> str:
+    """The log's last lines without the router's ANSI colour codes (it colours even into a file)."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", tail(path))
 
 
 class RouterError(ServerError):
@@ -100,21 +106,20 @@ class SGLangRouter:
             fh.write(("$ " + " ".join(cmd) + "\n").encode())
             fh.flush()
             # launch_router imports sglang: it needs the same CPU environment as a server
-            env = sglang_cpu.server_env(server_base_env())
-            env["NO_COLOR"] = "1"  # plain log lines (the error messages quote the log's tail)
-            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
+            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
+                                         env=sglang_cpu.server_env(server_base_env()),
                                          start_new_session=True)
         return self
 
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
             raise RouterError(f"{self.name} exited with code {self.proc.returncode}; see "
-                              f"{self.log_path}. Last lines:\n{tail(self.log_path)}")
+                              f"{self.log_path}. Last lines:\n{plain_tail(self.log_path)}")
 
     def _where(self) -> str:
         if self.external:
             return f"it is an external router ({self.url}): see the log of whoever runs it"
-        return f"see {self.log_path}. Last lines:\n{tail(self.log_path)}"
+        return f"see {self.log_path}. Last lines:\n{plain_tail(self.log_path)}"
 
     def wait_up(self, timeout_s: float | None = None) -> None:
         """Until the router answers ``/health``."""
