@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from drpo_megatron.data.math import DEFAULT_PROMPT_TEMPLATE
 from drpo_megatron.models.tiny import TinyModelConfig
 from drpo_megatron.rollout.server import ServerConfig
 
@@ -115,12 +116,15 @@ class TaskConfig:
     num_eval: int = 40
     max_operand: int = 9
     seed: int = 0
-    # kind "math" (GPU recipe): jsonl files {prompt, answer} from tools/prepare_math_data.py;
-    # checked at run time on the nodes. Prompts longer than max_prompt_tokens are dropped
-    # (0 = no limit).
+    # kind "math" (the paper's recipe, drpo_megatron/data/math.py): jsonl files {prompt, answer}
+    # from tools/prepare_math_data.py (DAPO-Math-17k to train on, AIME 2024/2025 to evaluate:
+    # eval/<file stem>/avg@k); paths are checked here, or at run time on the nodes for
+    # parallel.device: cuda. The model sees prompt_template ({problem} replaced) in the
+    # tokenizer's chat template. Prompts longer than max_prompt_tokens are dropped (0 = no limit).
     train_file: str = ""
     eval_files: list = field(default_factory=list)
     max_prompt_tokens: int = 0
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
 
 
 @dataclass
@@ -390,12 +394,25 @@ def validate(cfg: RunConfig) -> None:
             f"{total} distinct problems with task.max_operand={cfg.task.max_operand}; lower them "
             "or raise max_operand")
     if cfg.task.kind == "math":
+        from drpo_megatron.data.math import DataError, check_template
+
         if not cfg.task.train_file:
             raise ConfigError("task.train_file='': task.kind='math' needs a jsonl {prompt, answer} "
                               "file; make one with tools/prepare_math_data.py")
-        if not gpu_target:
-            raise ConfigError("task.kind='math' is the GPU recipe's dataset (set parallel.device: "
-                              "cuda); the CPU trainer runs task.kind='arithmetic'")
+        if not cfg.task.eval_files:
+            raise ConfigError("task.eval_files=[]: task.kind='math' evaluates on held-out jsonl "
+                              "files; add them (e.g. AIME 2024/2025 made with "
+                              "tools/prepare_math_data.py)")
+        try:
+            check_template(cfg.task.prompt_template)
+        except DataError as e:
+            raise ConfigError(str(e)) from None
+        for name, path in [("train_file", cfg.task.train_file),
+                           *(("eval_files", f) for f in cfg.task.eval_files)]:
+            if not gpu_target and not Path(str(path)).expanduser().is_file():
+                raise ConfigError(f"task.{name}: {str(path)!r} not found; make it with "
+                                  "tools/prepare_math_data.py (cluster configs with parallel.device: "
+                                  "cuda check it on the nodes)")
     elif cfg.task.kind != "arithmetic":
         raise ConfigError(f"task.kind={cfg.task.kind!r}: choose 'arithmetic' (built in) or 'math' "
                           "(jsonl from tools/prepare_math_data.py, GPU configs)")

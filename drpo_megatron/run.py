@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -285,7 +284,7 @@ def seeded_generate_groups(server, prompts, answers, *, n: int, temperature: flo
 
 def next_prompts(c: Components, k: int) -> tuple[list[list[int]], list[str]]:
     """The next ``k`` training problems (reshuffled every epoch), as token ids + answers."""
-    from drpo_megatron.models.tiny import prompt_ids
+    from drpo_megatron.data.math import encode_prompt
 
     prompts, answers = [], []
     for _ in range(k):
@@ -295,39 +294,47 @@ def next_prompts(c: Components, k: int) -> tuple[list[list[int]], list[str]]:
             rng.shuffle(c.order)
         p = c.train_set[c.order[c.cursor % len(c.train_set)]]
         c.cursor += 1
-        prompts.append(prompt_ids(c.tokenizer, p.prompt_text))
+        prompts.append(encode_prompt(c.tokenizer, p.prompt_text))
         answers.append(p.answer)
     return prompts, answers
 
 
 def evaluate(c: Components, *, version: int) -> dict[str, float]:
-    """avg@k accuracy on the held-out set at the rollout temperature (the paper's protocol);
-    run by the driver rank (the others return no metrics)."""
-    from drpo_megatron.models.tiny import prompt_ids
+    """avg@k accuracy on the held-out set at the rollout temperature (the paper's protocol), over
+    all problems and per source file (``eval/<source>/avg@k``, e.g. AIME 2024 and 2025); run by
+    the driver rank (the others return no metrics)."""
+    from drpo_megatron.data.math import encode_prompt
 
     if not c.driver:
         return {}
     t0 = time.time()
     k = c.cfg.train.eval_samples_per_prompt
     r = c.cfg.rollout
-    prompts = [prompt_ids(c.tokenizer, p.prompt_text) for p in c.eval_set]
+    prompts = [encode_prompt(c.tokenizer, p.prompt_text) for p in c.eval_set]
     samples = generate_groups(c.servers[0], prompts, [p.answer for p in c.eval_set], n=k,
                               temperature=r.temperature, top_p=r.top_p,
                               max_new_tokens=r.max_new_tokens)
     c.score(samples)
     acc = sum(s.reward for s in samples) / max(len(samples), 1)
-    log.info("eval at weight version %d: avg@%d = %.3f", version, k, acc)
-    return {"eval/accuracy": acc, f"eval/avg@{k}": acc, "perf/eval_time_s": time.time() - t0}
+    out = {"eval/accuracy": acc, f"eval/avg@{k}": acc}
+    sources = [getattr(p, "source", "") for p in c.eval_set]
+    if len(set(sources)) > 1:  # samples are group-major: sample i belongs to problem i // k
+        for src in sorted(set(sources)):
+            rewards = [s.reward for i, s in enumerate(samples) if sources[i // k] == src]
+            out[f"eval/{src}/avg@{k}"] = sum(rewards) / len(rewards)
+    log.info("eval at weight version %d: %s", version,
+             ", ".join(f"{key[5:]} = {v:.3f}" for key, v in out.items() if key != "eval/accuracy"))
+    out["perf/eval_time_s"] = time.time() - t0
+    return out
 
 
 def build_components(cfg: RunConfig) -> Components:
     from drpo_megatron.algorithms import make_loss_config
-    from drpo_megatron.data.arithmetic import train_eval_split
+    from drpo_megatron.data.math import encode_prompt, load_task
     from drpo_megatron.mismatch.writers import build_writers
     from drpo_megatron.models.megatron_model import init_distributed
     from drpo_megatron.models.tiny import ensure_tiny_checkpoint
     from drpo_megatron.rewards import build_reward
-    from drpo_megatron.rollout.server import SGLangServer
     from drpo_megatron.training.actor import MegatronActor
     from drpo_megatron.training.ranks import is_driver
     from drpo_megatron.weights.transport import WEIGHT_TRANSPORTS, build_transport
@@ -357,8 +364,7 @@ def build_components(cfg: RunConfig) -> Components:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(policy))
-    train_set, eval_set = train_eval_split(cfg.task.num_train, cfg.task.num_eval, seed=cfg.task.seed,
-                                           max_operand=cfg.task.max_operand)
+    train_set, eval_set = load_task(cfg.task, tokenizer)  # data/arithmetic.py or data/math.py
 
     # the driver rank starts the servers first: they load while the actor builds
     if cfg.train.seeded_rollouts and torch.cuda.is_available() and \
@@ -389,11 +395,10 @@ def build_components(cfg: RunConfig) -> Components:
                                 bucket_mb=cfg.rollout.weight_bucket_mb)
     transport = rollout.wrap(transport)  # every push bracketed by pause (abort) ... continue
     if cfg.rollout.verify_sync:
-        from drpo_megatron.models.tiny import prompt_ids
         from drpo_megatron.rollout.verify import DEFAULT_ATOL, VerifiedTransport, actor_reference
 
         transport = VerifiedTransport(
-            transport, servers, prompt_ids(tokenizer, eval_set[0].prompt_text),
+            transport, servers, encode_prompt(tokenizer, eval_set[0].prompt_text),
             actor_reference(actor, tokenizer.pad_token_id),
             atol=cfg.rollout.verify_sync_atol or DEFAULT_ATOL[cfg.rollout.precision])
     if cfg.rollout.precision != "bf16":

@@ -67,7 +67,11 @@ CONFIG_CASES = [  # (overrides, field, value)
     ({"model": {"fp8": "blockwise", "dtype": "bf16"}}, "model.fp8", "'blockwise'"),
     ({"model": {"arch": {"hidden_size": "big"}}}, "model.arch.hidden_size", "'big'"),
     ({"task": {"kind": "math"}}, "task.train_file", "''"),
-    ({"task": {"kind": "math", "train_file": "d.jsonl"}}, "task.kind", "'math'"),
+    ({"task": {"kind": "math", "train_file": "d.jsonl"}}, "task.eval_files", "[]"),
+    ({"task": {"kind": "math", "train_file": "nope/d.jsonl", "eval_files": ["e.jsonl"]}},
+     "task.train_file", "'nope/d.jsonl'"),
+    ({"task": {"kind": "math", "train_file": "d.jsonl", "eval_files": ["e.jsonl"],
+               "prompt_template": "{question}"}}, "task.prompt_template", "'{question}'"),
     ({"task": {"max_prompt_tokens": -1}}, "task.max_prompt_tokens", "-1"),
     ({"optim": {"lr_schedule": "cosine"}}, "optim.lr_schedule", "'cosine'"),
 ]
