@@ -5,11 +5,11 @@ slurmdbd accounting, slurmctld, two slurmd n1/n2 on 127.0.0.1).
    with ``drpo submit --nodes 1``: ``sacct`` says COMPLETED 0:0; the job's log directory holds the
    resolved config, the node / per-rank trainer logs and the SGLang server log; metrics.jsonl has
    steps 1..2.
-2. Preemption: 10 steps with ``save_every: 1``; once a checkpoint exists the batch shell gets
+2. Preemption: 20 steps with ``save_every: 1``; once a checkpoint exists the batch shell gets
    ``scancel --signal=USR1 --batch`` (what ``#SBATCH --signal=B:USR1@...`` sends before the time
    limit).  The trainer finishes its step, checkpoints, exits 75; the script requeues the job (same
    id, ``sacct --duplicates``: REQUEUED then COMPLETED 0:0, ``Restarts=1``); the second run
-   resumes from that checkpoint (its log says so) and every step 1..10 is logged exactly once.
+   resumes from that checkpoint (its log says so) and every step 1..20 is logged exactly once.
 
 Needs root and the packages in .ci/apt-packages.txt (.ci/run installs them); without them these
 tests FAIL, naming the install command.  Daemons are always stopped (module fixture teardown).
@@ -164,7 +164,7 @@ def test_submit_embedded_job_completes(cluster):
 
 
 def test_usr1_checkpoints_requeues_and_resumes(cluster):
-    steps = 10  # ~5 s per step with a save each: time to signal mid-run
+    steps = 20  # 1-5 s per step with a save each: time to signal mid-run
     job, run = cluster.submit("preempt", steps=steps, save_every=1)
     trainer_log = run / "logs" / "trainer.log"
     saved = re.compile(r"saved checkpoint of step (\d+)")
