@@ -85,7 +85,8 @@ drpo_wait_router() {
   local url=$1 want=$2 timeout_s=$3 t=0 have=0
   echo "[drpo] waiting up to ${timeout_s}s for $want rollout servers at router $url" >&2
   while [ $t -lt "$timeout_s" ]; do
-    have=$(curl -fsS "$url/list_workers" 2>/dev/null | python3 -c 'import json,sys; d=json.load(sys.stdin); print(len(d.get("urls", d.get("workers", []))))' 2>/dev/null || echo 0)
+    # sglang-router 0.3.2: GET /workers -> {"workers": [{"url", "is_healthy", ...}, ...]}
+    have=$(curl -fsS "$url/workers" 2>/dev/null | python3 -c 'import json,sys; print(sum(1 for w in json.load(sys.stdin).get("workers", []) if w.get("is_healthy", True)))' 2>/dev/null || echo 0)
     if [ "$have" -ge "$want" ]; then echo "[drpo] $have/$want rollout servers registered after ${t}s" >&2; return 0; fi
     sleep 10; t=$((t + 10))
   done

@@ -66,7 +66,10 @@ def render(cfg: RunConfig, *, nodes: int, rollout_nodes: int, resolved_config: s
     extra_env = []
     if cfg.model.fp8:
         extra_env.append("export NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1   # blockwise FP8 training, FP32 scales")
-    server_args = []
+    server_args = list(cfg.rollout.server.extra_args)  # the servers drpo train would launch get these
+    if cfg.train.seeded_rollouts and cfg.parallel.device == "cuda" and \
+            "--enable-deterministic-inference" not in server_args:
+        server_args.append("--enable-deterministic-inference")  # SGLang honours sampling_seed only then
     if cfg.rollout.precision == "fp8":
         server_args.append("--quantization fp8")  # FP8 rollouts: the trainer pushes 128x128 blockwise e4m3 weights
     values = {
