@@ -373,43 +373,52 @@ def build_components(cfg: RunConfig) -> Components:
     # server logs: <output_dir>/logs, or the SLURM job's log dir (slurm/*.sbatch.tmpl export it)
     server_logs = Path(os.environ.get("DRPO_SERVER_LOG_DIR") or run_dir / "logs")
     # (rollout/router.py: N servers, sglang-router in front when N > 1, or an external router)
-    from drpo_megatron.rollout.router import RolloutSetup, one_server_resync
+    from drpo_megatron.rollout import router as rr
+    from drpo_megatron.training.flops import FlopsModel, device_peak_flops
+    from drpo_megatron.training.ranks import world_size
 
-    rollout = RolloutSetup(cfg.rollout, policy, server_logs, driver)
-    try:
+    rollout = rr.RolloutSetup(cfg.rollout, policy, server_logs, driver)
+    transport = None
+    try:  # whatever fails from here on, the servers and the router we started are stopped
         rollout.start()
         actor = MegatronActor(actor_config(cfg, policy))
         rollout.wait_ready()  # every server healthy at version "0" (and registered)
         servers = rollout.servers
+        flops_model = FlopsModel.from_hf_config(json.loads((policy / "config.json").read_text()))
+        device, peak = device_peak_flops("bf16")
+        log.info("MFU is relative to %s peak %.3g FLOP/s", device, peak)
+        writers = build_writers(cfg.logging.writers if driver else [], run_dir)
+        base = transport = build_transport(cfg.rollout.weight_transport, actor, servers,
+                                           run_dir / "weights", precision=cfg.rollout.precision,
+                                           bucket_mb=cfg.rollout.weight_bucket_mb)
+        transport = rollout.wrap(transport)  # every push bracketed by pause (abort) ... continue
+        if cfg.rollout.verify_sync:
+            from drpo_megatron.rollout.verify import DEFAULT_ATOL, VerifiedTransport, actor_reference
+
+            transport = VerifiedTransport(
+                transport, servers, encode_prompt(tokenizer, eval_set[0].prompt_text),
+                actor_reference(actor, tokenizer.pad_token_id),
+                atol=cfg.rollout.verify_sync_atol or DEFAULT_ATOL[cfg.rollout.precision])
+        if cfg.rollout.precision != "bf16":
+            transport.push(version=0)  # the server loaded unquantized weights: push version 0 as FP8
+        # the loop talks to one server, a Fleet or a RouterFleet alike (None on non-driver
+        # ranks); a restarted server is re-synced to the last pushed version before it takes
+        # requests: through a one-server transport (one trainer process), from the newest disk
+        # export (several ranks: a push is collective), or not at all (a clear error)
+        if world_size() == 1:
+            resync = rr.one_server_resync(lambda ss: build_transport(
+                cfg.rollout.weight_transport, actor, ss, run_dir / "weights-resync",
+                precision=cfg.rollout.precision, bucket_mb=cfg.rollout.weight_bucket_mb))
+        elif cfg.rollout.weight_transport == "disk":
+            resync = rr.export_dir_resync(lambda: base.latest)
+        else:
+            resync = rr.collective_only_resync(cfg.rollout.weight_transport, world_size())
+        front = rollout.front(resync, max_attempts=cfg.rollout.max_attempts)
     except BaseException:
+        if transport is not None and hasattr(transport, "close"):
+            transport.close()
         rollout.stop()
         raise
-    from drpo_megatron.training.flops import FlopsModel, device_peak_flops
-
-    flops_model = FlopsModel.from_hf_config(json.loads((policy / "config.json").read_text()))
-    device, peak = device_peak_flops("bf16")
-    log.info("MFU is relative to %s peak %.3g FLOP/s", device, peak)
-    writers = build_writers(cfg.logging.writers if driver else [], run_dir)
-    transport = build_transport(cfg.rollout.weight_transport, actor, servers, run_dir / "weights",
-                                precision=cfg.rollout.precision,
-                                bucket_mb=cfg.rollout.weight_bucket_mb)
-    transport = rollout.wrap(transport)  # every push bracketed by pause (abort) ... continue
-    if cfg.rollout.verify_sync:
-        from drpo_megatron.rollout.verify import DEFAULT_ATOL, VerifiedTransport, actor_reference
-
-        transport = VerifiedTransport(
-            transport, servers, encode_prompt(tokenizer, eval_set[0].prompt_text),
-            actor_reference(actor, tokenizer.pad_token_id),
-            atol=cfg.rollout.verify_sync_atol or DEFAULT_ATOL[cfg.rollout.precision])
-    if cfg.rollout.precision != "bf16":
-        transport.push(version=0)  # the server loaded unquantized weights: send version 0 as FP8
-    # the loop talks to one server, a Fleet or a RouterFleet alike (None on non-driver ranks); a
-    # restarted server is re-synced with a one-server transport to the last pushed version
-    # before it takes requests
-    front = rollout.front(one_server_resync(lambda ss: build_transport(
-        cfg.rollout.weight_transport, actor, ss, run_dir / "weights-resync",
-        precision=cfg.rollout.precision, bucket_mb=cfg.rollout.weight_bucket_mb)),
-        max_attempts=cfg.rollout.max_attempts)
     return Components(cfg=cfg, run_dir=run_dir, tokenizer=tokenizer, train_set=train_set,
                       eval_set=eval_set, actor=actor, servers=[front] if driver else [],
                       transport=transport, writers=writers, reward_fn=reward_fn,

@@ -35,10 +35,9 @@ from typing import Any, Callable, Sequence
 
 import requests
 
-from drpo_megatron.platform import sglang_cpu
 from drpo_megatron.rollout.fleet import Fleet
-from drpo_megatron.rollout.server import (HEALTH_POLL_S, LOG_EVERY_S, ServerConfig, ServerError,
-                                          SGLangServer, free_port, server_base_env, tail)
+from drpo_megatron.rollout.server import (HEALTH_POLL_S, LOG_EVERY_S, ManagedProcess,
+                                          ServerConfig, ServerError, SGLangServer, free_port, tail)
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +54,10 @@ class RouterError(ServerError):
     """sglang-router failed to start, died, or its workers did not register in time."""
 
 
-class SGLangRouter:
+class SGLangRouter(ManagedProcess):
     """sglang-router: a subprocess we launch (``url=None``) or a running one at ``url``."""
+
+    error = RouterError
 
     def __init__(self, log_dir: str | os.PathLike, *, url: str | None = None,
                  host: str = "127.0.0.1", port: int = 0, policy: str = "round_robin",
@@ -96,68 +97,12 @@ class SGLangRouter:
             *self.extra_args,
         ]
 
-    def start(self) -> "SGLangRouter":
-        if self.external:
-            return self
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = self.command()
-        log.info("starting %s on %s (log: %s)", self.name, self.url, self.log_path)
-        with open(self.log_path, "ab") as fh:
-            fh.write(("$ " + " ".join(cmd) + "\n").encode())
-            fh.flush()
-            # launch_router imports sglang: it needs the same CPU environment as a server
-            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
-                                         env=sglang_cpu.server_env(server_base_env()),
-                                         start_new_session=True)
-        return self
-
-    def check_alive(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise RouterError(f"{self.name} exited with code {self.proc.returncode}; see "
-                              f"{self.log_path}. Last lines:\n{plain_tail(self.log_path)}")
-
-    def _where(self) -> str:
-        if self.external:
-            return f"it is an external router ({self.url}): see the log of whoever runs it"
-        return f"see {self.log_path}. Last lines:\n{plain_tail(self.log_path)}"
+    def log_tail(self) -> str:
+        return plain_tail(self.log_path)
 
     def wait_up(self, timeout_s: float | None = None) -> None:
         """Until the router answers ``/health``."""
-        timeout_s = timeout_s or self.startup_timeout_s
-        t0 = last = time.time()
-        while True:
-            self.check_alive()
-            try:
-                if self._session.get(self.url + "/health", timeout=5).status_code == 200:
-                    log.info("%s up after %.1fs", self.name, time.time() - t0)
-                    return
-            except requests.RequestException:
-                pass
-            now = time.time()
-            if now - t0 > timeout_s:
-                raise RouterError(f"{self.name} at {self.url} did not answer /health within "
-                                  f"{timeout_s:.0f}s; {self._where()}")
-            if now - last > LOG_EVERY_S:
-                log.info("waiting for %s /health at %s (%.0fs of %.0fs; log: %s)", self.name,
-                         self.url, now - t0, timeout_s, self.log_path)
-                last = now
-            time.sleep(HEALTH_POLL_S)
-
-    def stop(self, timeout_s: float = 20.0) -> None:
-        if self.external or self.proc is None or self.proc.poll() is not None:
-            return
-        import signal
-
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=timeout_s)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(timeout=timeout_s)
-        log.info("%s stopped", self.name)
+        self.wait_health(timeout_s or self.startup_timeout_s, "rollout.server.startup_timeout_s")
 
     # ------------------------------------------------------------------ worker API
     def _call(self, method: str, path: str, what: str, **kw) -> Any:
@@ -167,10 +112,10 @@ class SGLangRouter:
         except requests.RequestException as e:
             self.check_alive()
             raise RouterError(f"{self.name}: {what} ({method} {self.url}{path}) failed: {e}; "
-                              f"{self._where()}") from e
+                              f"{self.where()}") from e
         if r.status_code >= 300:
             raise RouterError(f"{self.name}: {what} ({method} {path}) returned HTTP "
-                              f"{r.status_code}: {r.text[:300]}; {self._where()}")
+                              f"{r.status_code}: {r.text[:300]}; {self.where()}")
         try:
             return r.json()
         except ValueError as e:
@@ -203,7 +148,7 @@ class SGLangRouter:
         while any(w.get("url", "").rstrip("/") == url for w in self.workers()):
             if time.time() - t0 > 60:
                 raise RouterError(f"{self.name}: worker {url} still listed 60s after its "
-                                  f"removal; {self._where()}")
+                                  f"removal; {self.where()}")
             time.sleep(0.2)
         if ids:
             log.info("%s: deregistered %s", self.name, url)
@@ -234,7 +179,7 @@ class SGLangRouter:
             if now - t0 > timeout_s:
                 raise RouterError(f"{self.name} at {self.url}: still waiting for {what} to be "
                                   f"registered and healthy after {timeout_s:.0f}s; "
-                                  f"{self._where()}")
+                                  f"{self.where()}")
             if now - last > LOG_EVERY_S:
                 log.info("waiting for %s at %s to list %s (%.0fs of %.0fs; log: %s)", self.name,
                          self.url, what, now - t0, timeout_s, self.log_path)
@@ -472,4 +417,36 @@ def one_server_resync(build_transport: Callable[[list[SGLangServer]], Any]
             close = getattr(t, "close", None)
             if close is not None:
                 close()
+    return resync
+
+
+def export_dir_resync(latest: Callable[[], Path | None]) -> Callable[[SGLangServer, int], None]:
+    """A ``resync(server, version)`` that needs no collective: the restarted server loads the
+    newest HF export of the disk transport (``latest()``), or, before the first push, keeps the
+    initial checkpoint it started from (version 0).  What a trainer with several ranks uses: a
+    push through a transport is collective (every rank exports its shards), and a server dies
+    on the driver rank alone, in the middle of a rollout."""
+
+    def resync(s: SGLangServer, version: int) -> None:
+        path = latest()
+        if path is None:
+            if version != 0:
+                raise ServerError(f"{s.name}: no weight export to re-sync version {version} from")
+            s.set_weight_version("0")
+        else:
+            s.update_weights_from_disk(path, weight_version=str(version))
+    return resync
+
+
+def collective_only_resync(transport: str, ranks: int) -> Callable[[SGLangServer, int], None]:
+    """The ``resync`` of a multi-rank trainer whose transport is collective (tensor,
+    distributed): a dead server cannot be re-synced in the middle of a rollout, so the step
+    fails with what to change instead of hanging in a collective the other ranks never join."""
+
+    def resync(s: SGLangServer, version: int) -> None:
+        raise ServerError(
+            f"{s.name} was restarted but cannot be re-synced to weight version {version}: with "
+            f"{ranks} training ranks the {transport!r} transport is collective and the other ranks "
+            f"are not in it mid-rollout; set rollout.weight_transport: disk (re-syncs from the "
+            f"newest export) or resume the run from its checkpoint")
     return resync

@@ -77,7 +77,101 @@ class ServerConfig:
     extra_args: list[str] = field(default_factory=list)
 
 
-class SGLangServer:
+class ManagedProcess:
+    """A subprocess with an HTTP ``/health`` endpoint that we launch (log file, own session, so
+    a stop takes its children with it) or that somebody else runs (``external``: start and stop
+    do nothing).  Subclasses set ``name``, ``url``, ``log_path``, ``external``, ``proc``,
+    ``_session`` and give :meth:`command`; failures raise ``error`` naming the log and its tail.
+    """
+
+    error: type[ServerError] = ServerError
+    name: str
+    url: str
+    log_path: Path
+    external: bool
+    proc: subprocess.Popen | None
+    _session: requests.Session
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def log_tail(self) -> str:
+        return tail(self.log_path)
+
+    def where(self) -> str:
+        """Where to look when it fails."""
+        if self.external:
+            return f"it is run by somebody else ({self.url}): see the log of whoever runs it"
+        return f"see {self.log_path}. Last lines:\n{self.log_tail()}"
+
+    def start(self):
+        if self.external:
+            log.info("%s at %s is run by somebody else: not starting it", self.name, self.url)
+            return self
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = self.command()
+        log.info("starting %s on %s (log: %s)", self.name, self.url, self.log_path)
+        with open(self.log_path, "ab") as fh:
+            fh.write(("$ " + " ".join(cmd) + "\n").encode())
+            fh.flush()
+            # the SGLang server and sglang-router (which imports sglang) need the same CPU
+            # environment, minus the trainer's torchrun variables
+            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
+                                         env=sglang_cpu.server_env(server_base_env()),
+                                         start_new_session=True)
+        return self
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise self.error(f"{self.name} exited with code {self.proc.returncode}; see "
+                             f"{self.log_path}. Last lines:\n{self.log_tail()}")
+
+    def wait_health(self, timeout_s: float, setting: str) -> None:
+        """Until ``/health`` answers 200; raises after ``timeout_s`` naming ``setting`` (the
+        config field that sets it) and the log, and logs what it waits for every LOG_EVERY_S."""
+        t0 = last_log = time.time()
+        while True:
+            self.check_alive()
+            try:
+                if self._session.get(self.url + "/health", timeout=5).status_code == 200:
+                    log.info("%s healthy after %.1fs", self.name, time.time() - t0)
+                    return
+            except requests.RequestException:
+                pass
+            now = time.time()
+            if now - t0 > timeout_s:
+                raise self.error(f"{self.name} at {self.url} not healthy after {timeout_s:.0f}s "
+                                 f"({setting}); {self.where()}")
+            if now - last_log > LOG_EVERY_S:
+                log.info("waiting for %s /health at %s (%.0fs of %.0fs; log: %s)", self.name,
+                         self.url, now - t0, timeout_s, self.log_path)
+                last_log = now
+            time.sleep(HEALTH_POLL_S)
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if self.external or self.proc is None or self.proc.poll() is not None:
+            return
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=timeout_s)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=timeout_s)
+        log.info("%s stopped", self.name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class SGLangServer(ManagedProcess):
     """A server subprocess plus a thin HTTP client for the endpoints RL needs.
 
     With ``url`` the object is a client of a server somebody else runs (e.g. a SLURM job's
@@ -120,75 +214,9 @@ class SGLangServer:
             *self.cfg.extra_args,
         ]
 
-    def start(self) -> "SGLangServer":
-        if self.external:
-            log.info("%s at %s is run by somebody else: not starting it", self.name, self.url)
-            return self
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = self.command()
-        log.info("starting %s on %s (log: %s)", self.name, self.url, self.log_path)
-        with open(self.log_path, "ab") as fh:
-            fh.write(("$ " + " ".join(cmd) + "\n").encode())
-            fh.flush()
-            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
-                                         env=sglang_cpu.server_env(server_base_env()),
-                                         start_new_session=True)
-        return self
-
     def wait_healthy(self, timeout_s: float | None = None) -> None:
-        timeout_s = timeout_s or self.cfg.startup_timeout_s
-        t0 = time.time()
-        last_log = t0
-        while True:
-            self.check_alive()
-            try:
-                r = self._session.get(self.url + "/health", timeout=5)
-                if r.status_code == 200:
-                    log.info("%s healthy after %.1fs", self.name, time.time() - t0)
-                    return
-            except requests.RequestException:
-                pass
-            now = time.time()
-            if now - t0 > timeout_s:
-                where = ("it is an external server: see the log of whoever runs it"
-                         if self.external else f"see {self.log_path}. Last lines:\n"
-                         f"{tail(self.log_path)}")
-                raise ServerError(
-                    f"{self.name} at {self.url} not healthy after {timeout_s:.0f}s "
-                    f"(rollout.server.startup_timeout_s); {where}")
-            if now - last_log > LOG_EVERY_S:
-                log.info("waiting for %s /health (%.0fs of %.0fs; log: %s)", self.name, now - t0,
-                         timeout_s, self.log_path)
-                last_log = now
-            time.sleep(HEALTH_POLL_S)
-
-    def check_alive(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise ServerError(
-                f"{self.name} exited with code {self.proc.returncode}; see {self.log_path}. "
-                f"Last lines:\n{tail(self.log_path)}")
-
-    def stop(self, timeout_s: float = 20.0) -> None:
-        if self.external or self.proc is None or self.proc.poll() is not None:
-            return
-        import signal
-
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=timeout_s)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(timeout=timeout_s)
-        log.info("%s stopped", self.name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
+        self.wait_health(timeout_s or self.cfg.startup_timeout_s,
+                         "rollout.server.startup_timeout_s")
 
     # ------------------------------------------------------------------ HTTP
     def _post(self, path: str, payload: dict[str, Any], timeout_s: float, what: str) -> Any:

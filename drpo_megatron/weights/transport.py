@@ -154,6 +154,11 @@ class DiskTransport:
         self.precision = precision
         self._previous: Path | None = None
 
+    @property
+    def latest(self) -> Path | None:
+        """The newest export every server switched to (None before the first push)."""
+        return self._previous
+
     def push(self, version: int) -> dict[str, float]:
         t0 = time.time()
         target = self.work_dir / f"v{version:06d}"

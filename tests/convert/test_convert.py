@@ -76,7 +76,7 @@ def _tensors(d: Path) -> dict:
     return out
 
 
-@pytest.fixture(scope="module", params=["dense", "moe", "qwen2"])
+@pytest.fixture(scope="module", params=["dense", "moe", pytest.param("qwen2", marks=pytest.mark.extended)])
 def tiny(request, tmp_path_factory):
     return request.param, make_tiny(tmp_path_factory.mktemp(f"tiny_{request.param}") / "hf",
                                     request.param)
@@ -149,7 +149,8 @@ def test_tp1_checkpoint_loads_at_tp2(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [("--tp", "2"), ("--ep", "2"), ("--pp", "2")])
+@pytest.mark.parametrize("layout", [("--tp", "2"), pytest.param(("--ep", "2"), marks=pytest.mark.extended),
+                                    pytest.param(("--pp", "2"), marks=pytest.mark.extended)])
 def test_hf_to_mcore_multi_rank(tmp_path, layout):
     hf = make_tiny(tmp_path / "hf", "moe")
     p = drpo("convert", "hf-to-mcore", "--hf", hf, "--out", tmp_path / "m", *layout,

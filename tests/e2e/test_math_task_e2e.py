@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extended]  # the loader: tests/data (fast)
 
 ROOT = Path(__file__).resolve().parents[2]
 

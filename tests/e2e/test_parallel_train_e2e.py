@@ -93,7 +93,7 @@ def reference(tmp_path_factory):
     return root, _train(root, "single", {}, 1)
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout", ["pp2", pytest.param("ep2", marks=pytest.mark.extended)])
 def test_torchrun_layout_equals_single_process(reference, layout):
     root, single = reference
     run = _train(root, layout, {**LAYOUTS[layout], "gpus_per_node": 2}, 2)

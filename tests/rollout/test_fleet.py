@@ -19,7 +19,7 @@ from drpo_megatron.rollout.server import ServerConfig, SGLangServer
 from drpo_megatron.rollout.verify import probe_server
 from drpo_megatron.weights.transport import build_transport
 
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.extended,  # the router fleet's kill test covers it
               pytest.mark.skipif(torch.cuda.is_available(), reason="CPU SGLang server test")]
 
 VERSION = 1

@@ -275,6 +275,7 @@ def test_router_start_failure_names_its_log(tmp_path):
         r.stop()
 
 
+@pytest.mark.extended  # the router parts: the tests above; the loop: tests/e2e
 def test_train_two_servers_behind_router(tmp_path):
     """`drpo train` with rollout.router: sglang-router, num_servers 2, the distributed transport
     and verify_sync: the step completes, both servers are probed at the pushed version, and
