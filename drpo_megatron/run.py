@@ -392,13 +392,14 @@ def build_components(cfg: RunConfig) -> Components:
                                            run_dir / "weights", precision=cfg.rollout.precision,
                                            bucket_mb=cfg.rollout.weight_bucket_mb)
         transport = rollout.wrap(transport)  # every push bracketed by pause (abort) ... continue
-        if cfg.rollout.verify_sync:
-            from drpo_megatron.rollout.verify import DEFAULT_ATOL, VerifiedTransport, actor_reference
+        # the post-sync check: after every push with rollout.verify_sync, always after a resume
+        from drpo_megatron.rollout.verify import DEFAULT_ATOL, VerifiedTransport, actor_reference
 
-            transport = VerifiedTransport(
-                transport, servers, encode_prompt(tokenizer, eval_set[0].prompt_text),
-                actor_reference(actor, tokenizer.pad_token_id),
-                atol=cfg.rollout.verify_sync_atol or DEFAULT_ATOL[cfg.rollout.precision])
+        transport = VerifiedTransport(
+            transport, servers, encode_prompt(tokenizer, eval_set[0].prompt_text),
+            actor_reference(actor, tokenizer.pad_token_id),
+            atol=cfg.rollout.verify_sync_atol or DEFAULT_ATOL[cfg.rollout.precision],
+            every_push=cfg.rollout.verify_sync)
         if cfg.rollout.precision != "bf16":
             transport.push(version=0)  # the server loaded unquantized weights: push version 0 as FP8
         # the loop talks to one server, a Fleet or a RouterFleet alike (None on non-driver

@@ -9,11 +9,9 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
-
 from drpo_megatron.config import RunConfig
 from drpo_megatron.operate.preempt import Stopper
-from drpo_megatron.run import Components, build_components, evaluate, next_prompts
+from drpo_megatron.run import Components, build_components, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +27,8 @@ def save(c: Components, step: int) -> None:
 def resume(c: Components, cfg: RunConfig) -> int:
     """Load ``<run_dir>/checkpoint`` when ``train.resume`` asks for it; returns the first step
     to run.  The loaded weights go to the rollout servers (weight_version = the checkpoint's
-    step) before the first rollout, so step+1 samples from the policy it would have had."""
+    step) before the first rollout, so step+1 samples from the policy it would have had, and are
+    checked there (rollout/verify.py: probe log-probs against the trainer's own forward)."""
     from drpo_megatron.models.megatron_model import find_checkpoint
 
     if cfg.train.resume == "never":
@@ -43,6 +42,8 @@ def resume(c: Components, cfg: RunConfig) -> int:
     c.cursor = int(extra.get("cursor", 0))
     c.order = list(extra.get("order", []))
     c.transport.push(version=step)
+    if not cfg.rollout.verify_sync:  # (with it, push checked already) drift after resume: loud
+        c.transport.verify(step)
     log.info("resumed from %s at step %d (data cursor %d); continuing at step %d", ckpt, step,
              c.cursor, step + 1)
     return step + 1

@@ -71,11 +71,14 @@ def probe_server_sampled(server: SGLangServer, probe_ids: list[int], n: int = PR
 def probe_all(servers: Sequence[SGLangServer], probe_ids: list[int], *,
               max_new_tokens: int = PROBE_MAX_NEW_TOKENS,
               num_sampled: int = PROBE_SAMPLES) -> list[list[Sample]]:
-    """Per server: the greedy probe decode followed by ``num_sampled`` seeded samples."""
+    """Per server: the greedy probe decode followed by ``num_sampled`` seeded samples.  The
+    server's prefix cache is flushed afterwards: the check leaves no state that the next rollout
+    could reuse (a resumed run must sample exactly as the uninterrupted one)."""
     out = []
     for s in servers:
         greedy = probe_server(s, probe_ids, max_new_tokens)
         extra = probe_server_sampled(s, probe_ids, num_sampled, max_new_tokens) if num_sampled else []
+        s.flush_cache()
         out.append([greedy, *extra])
     return out
 
@@ -179,26 +182,34 @@ def actor_reference(actor, pad_id: int) -> Callable[[Sample], torch.Tensor]:
 
 
 class VerifiedTransport:
-    """Wraps a transport: every ``push`` is followed by :func:`verify_sync` (collective over the
-    training ranks; ``servers`` is empty on all but the driver rank)."""
+    """Wraps a transport: with ``every_push`` each ``push`` is followed by :func:`verify_sync`;
+    :meth:`verify` checks on demand (the trainer does after a resume).  Collective over the
+    training ranks; ``servers`` is empty on all but the driver rank."""
 
     def __init__(self, inner, servers: Sequence[SGLangServer], probe_ids: list[int],
-                 reference_logprobs: Callable[[Sample], torch.Tensor], atol: float):
+                 reference_logprobs: Callable[[Sample], torch.Tensor], atol: float,
+                 every_push: bool = True):
         self.inner = inner
         self.servers = servers
         self.probe_ids = list(probe_ids)
         self.reference_logprobs = reference_logprobs
         self.atol = atol
+        self.every_push = every_push
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def push(self, version: int) -> dict[str, float]:
+        out = dict(self.inner.push(version))
+        if self.every_push:
+            out.update(self.verify(version))
+        return out
+
+    def verify(self, version: int) -> dict[str, float]:
         import time
 
-        out = dict(self.inner.push(version))
         t0 = time.time()
-        out.update(verify_sync(self.servers, version, self.probe_ids, self.reference_logprobs,
-                               atol=self.atol))
+        out = verify_sync(self.servers, version, self.probe_ids, self.reference_logprobs,
+                          atol=self.atol)
         out["perf/weight_sync_verify_time_s"] = time.time() - t0
         return out

@@ -6,17 +6,12 @@ answer some of them."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 pytestmark = [pytest.mark.slow, pytest.mark.extended]  # the loader: tests/data (fast)
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _jsonl(path: Path, pairs) -> str:
@@ -25,7 +20,7 @@ def _jsonl(path: Path, pairs) -> str:
     return str(path)
 
 
-def test_math_task_trains_and_reports_avg_at_k_per_file(tmp_path):
+def test_math_task_trains_and_reports_avg_at_k_per_file(tmp_path, drpo_train):
     cfg = {
         "model": {"cache_dir": str(tmp_path / "cache"), "tiny": {"sft_steps": 60}},
         "task": {"kind": "math", "prompt_template": "{problem}=",
@@ -38,14 +33,7 @@ def test_math_task_trains_and_reports_avg_at_k_per_file(tmp_path):
         "train": {"max_steps": 2, "eval_every": 2, "eval_samples_per_prompt": 4},
         "logging": {"writers": ["jsonl"]},
     }
-    path = tmp_path / "math.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-m", "drpo_megatron.cli", "train", "--config",
-                           str(path), "--output-dir", str(tmp_path / "run")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    drpo_train(cfg, tmp_path, name="run")
     rows = [json.loads(x) for x in (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()]
     # the training prompts are the train file's problems, in the template, as the rollout saw them
     from transformers import AutoTokenizer

@@ -33,20 +33,14 @@ RTOL = 1e-5
 LAYOUTS = {"pp2": {"pp": 2}, "ep2": {"ep": 2}}
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return env
-
-
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _config(root: Path, name: str, parallel: dict) -> Path:
-    cfg = {
+def _config(root: Path, parallel: dict) -> dict:
+    return {
         # the MoE load-balancing loss is computed on each DP rank's tokens: off, so the layouts
         # must agree to the reduction-order bound (with it on, EP2 x DP2 moved the grad norm 1%)
         "model": {"cache_dir": str(root / "cache"), "tiny": {"sft_steps": 60},
@@ -59,22 +53,6 @@ def _config(root: Path, name: str, parallel: dict) -> Path:
         "logging": {"writers": ["jsonl"]},
         "parallel": parallel,
     }
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def _train(root: Path, name: str, parallel: dict, nproc: int) -> Path:
-    out = root / name
-    args = ["-m", "drpo_megatron.cli", "train", "--config", str(_config(root, name, parallel)),
-            "--output-dir", str(out)]
-    if nproc > 1:
-        args = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                "--master-port", str(_port()), *args]
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=1200)
-    assert proc.returncode == 0, f"{name}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return out
 
 
 def _metrics(run: Path) -> dict[int, dict]:
@@ -88,15 +66,16 @@ def _rollouts(run: Path, step: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, drpo_train):
     root = tmp_path_factory.mktemp("parallel_train")
-    return root, _train(root, "single", {}, 1)
+    return root, drpo_train(_config(root, {}), root, name="single")
 
 
 @pytest.mark.parametrize("layout", ["pp2", pytest.param("ep2", marks=pytest.mark.extended)])
-def test_torchrun_layout_equals_single_process(reference, layout):
+def test_torchrun_layout_equals_single_process(reference, layout, drpo_train):
     root, single = reference
-    run = _train(root, layout, {**LAYOUTS[layout], "gpus_per_node": 2}, 2)
+    run = drpo_train(_config(root, {**LAYOUTS[layout], "gpus_per_node": 2}), root, name=layout,
+                     nproc=2, master_port=_port())
     a, b = _metrics(single), _metrics(run)
     assert sorted(a) == sorted(b) == [1, 2]
 
@@ -123,10 +102,12 @@ def test_torchrun_layout_equals_single_process(reference, layout):
 
 def test_world_size_mismatch_is_a_clear_error(tmp_path):
     """A 2-process layout started as one process fails before anything expensive starts."""
-    cfg = _config(tmp_path, "bad", {"pp": 2, "gpus_per_node": 2})
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump(_config(tmp_path, {"pp": 2, "gpus_per_node": 2})))
     proc = subprocess.run([sys.executable, "-m", "drpo_megatron.cli", "train", "--config", str(cfg),
-                           "--output-dir", str(tmp_path / "out")], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=300)
+                           "--output-dir", str(tmp_path / "out")], cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode != 0
     assert "WORLD_SIZE=1" in proc.stderr and "torchrun --nproc-per-node 2" in proc.stderr
     assert not (tmp_path / "out").exists()

@@ -90,8 +90,6 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
-    from drpo_megatron.models.tiny import TinyModelConfig, ensure_tiny_checkpoint
-
     # build the warm-started policy once (both runs share the cache)
     subprocess.run([sys.executable, "-c",
                     "import sys; from drpo_megatron.platform import apply_cpu_compat; "

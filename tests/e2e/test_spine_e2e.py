@@ -7,8 +7,6 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +23,7 @@ MISMATCH_ATOL = 2e-4
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, drpo_train):
     root = tmp_path_factory.mktemp("e2e")
     cfg = {
         "model": {"cache_dir": str(root / "cache"), "tiny": {"sft_steps": 60}},
@@ -35,15 +33,7 @@ def run_dir(tmp_path_factory):
         "train": {"max_steps": STEPS, "eval_every": 2, "eval_samples_per_prompt": 2},
         "task": {"num_eval": 8},
     }
-    cfg_path = root / "cfg.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    out = root / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "drpo_megatron.cli", "train", "--config",
-                           str(cfg_path), "--output-dir", str(out)], capture_output=True, text=True,
-                          timeout=900, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return out
+    return drpo_train(cfg, root, timeout=900)
 
 
 def _metrics(run_dir: Path) -> list[dict]:

@@ -41,16 +41,6 @@ class PerturbedActor:
             yield name, (t * (1 + 0.3 * torch.randn(t.shape, generator=g)) if t.dim() == 2 else t)
 
 
-@pytest.fixture(scope="module")
-def policy():
-    from drpo_megatron.config import ModelConfig, TaskConfig
-    from drpo_megatron.models.tiny import ensure_tiny_checkpoint
-
-    m = ModelConfig()
-    return ensure_tiny_checkpoint(m.cache_dir, m.tiny, max_operand=TaskConfig().max_operand,
-                                  show_progress=False)
-
-
 def test_kill_one_server_mid_rollout(policy, tmp_path):
     from transformers import AutoTokenizer
 

@@ -51,16 +51,6 @@ class VersionedActor:
 
 
 @pytest.fixture(scope="module")
-def policy():
-    from drpo_megatron.config import ModelConfig, TaskConfig
-    from drpo_megatron.models.tiny import ensure_tiny_checkpoint
-
-    m = ModelConfig()
-    return ensure_tiny_checkpoint(m.cache_dir, m.tiny, max_operand=TaskConfig().max_operand,
-                                  show_progress=False)
-
-
-@pytest.fixture(scope="module")
 def prompts(policy):
     from transformers import AutoTokenizer
 

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +25,7 @@ PROMPTS, N, MAX_NEW, BUFFER, PENALTY = 4, 4, 12, 6, 0.5
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, drpo_train):
     root = tmp_path_factory.mktemp("sampling_e2e")
     cfg = {
         "model": {"cache_dir": str(root / "cache"), "tiny": {"sft_steps": 60}},
@@ -42,15 +39,7 @@ def run_dir(tmp_path_factory):
         "train": {"max_steps": 1, "eval_every": 0},
         "task": {"num_eval": 8},
     }
-    cfg_path = root / "cfg.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    out = root / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "drpo_megatron.cli", "train", "--config",
-                           str(cfg_path), "--output-dir", str(out)], capture_output=True, text=True,
-                          timeout=900, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return out
+    return drpo_train(cfg, root, timeout=900)
 
 
 def _policy_dir(run_dir: Path) -> Path:

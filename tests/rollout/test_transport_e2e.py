@@ -40,16 +40,6 @@ def test_iter_buckets_respects_size_and_order():
 
 
 @pytest.fixture(scope="module")
-def policy():
-    from drpo_megatron.config import ModelConfig, TaskConfig
-    from drpo_megatron.models.tiny import ensure_tiny_checkpoint
-
-    m = ModelConfig()
-    return ensure_tiny_checkpoint(m.cache_dir, m.tiny, max_operand=TaskConfig().max_operand,
-                                  show_progress=False)
-
-
-@pytest.fixture(scope="module")
 def server(policy, tmp_path_factory):
     logs = tmp_path_factory.mktemp("sglang-logs")
     # fp32 server (and so fp32 on the wire): it must then hold exactly the pushed numbers. In

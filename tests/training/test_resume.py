@@ -54,9 +54,14 @@ class _Actor:
 class _Transport:
     def __init__(self):
         self.pushed = []
+        self.verified = []
 
     def push(self, version):
         self.pushed.append(version)
+        return {}
+
+    def verify(self, version):
+        self.verified.append(version)
         return {}
 
 
@@ -82,6 +87,7 @@ def test_resume_modes(tmp_path):
     assert resume(c, _cfg("auto")) == 4
     assert c.cursor == 12 and c.order == [2, 0, 1]
     assert c.transport.pushed == [3]  # the loaded weights reach the server before step 4
+    assert c.transport.verified == [3]  # ... and are checked there (rollout.verify_sync off)
 
 
 def test_resume_uses_old_copy_of_interrupted_save(tmp_path):
