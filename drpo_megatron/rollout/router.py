@@ -116,11 +116,7 @@ class SGLangRouter(ManagedProcess):
         if r.status_code >= 300:
             raise RouterError(f"{self.name}: {what} ({method} {path}) returned HTTP "
                               f"{r.status_code}: {r.text[:300]}; {self.where()}")
-        try:
-            return r.json()
-        except ValueError as e:
-            raise RouterError(f"{self.name}: {what} returned a body that is not JSON: "
-                              f"{r.text[:200]!r}") from e
+        return self.json_body(r, what, path)
 
     def workers(self) -> list[dict]:
         """``GET /workers``: ``[{"id", "url", "is_healthy", ...}, ...]``."""

@@ -121,6 +121,14 @@ class ManagedProcess:
                                          start_new_session=True)
         return self
 
+    def json_body(self, r: requests.Response, what: str, path: str) -> Any:
+        """The JSON of a response, or ``error`` naming the request and the body's start."""
+        try:
+            return r.json()
+        except ValueError as e:
+            raise self.error(f"{self.name}: {what} ({path}) returned a body that is not JSON: "
+                             f"{r.text[:200]!r}") from e
+
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
             raise self.error(f"{self.name} exited with code {self.proc.returncode}; see "
@@ -233,11 +241,7 @@ class SGLangServer(ManagedProcess):
         if r.status_code != 200:
             raise ServerError(f"{self.name}: {what} ({path}) returned HTTP {r.status_code}: "
                               f"{r.text[:500]}; see {self.log_path}")
-        try:
-            return r.json()
-        except ValueError as e:
-            raise ServerError(f"{self.name}: {what} ({path}) returned a body that is not JSON: "
-                              f"{r.text[:200]!r}") from e
+        return self.json_body(r, what, path)
 
     def generate(self, input_ids: list[list[int]], sampling_params: dict[str, Any], *,
                  return_logprob: bool = True, top_logprobs_num: int = 0) -> list[dict[str, Any]]:
