@@ -1,4 +1,4 @@
-"""``drpo`` command line: train | dashboard | convert | plan | submit.
+"""``drpo`` command line: train | config | dashboard | convert | plan | submit.
 
 ``drpo train`` with no arguments runs the embedded CPU default (tiny Qwen3-MoE, arithmetic task,
 DRPO, one SGLang server on CPU).
@@ -21,9 +21,13 @@ def _train(argv: list[str]) -> int:
                    help="continue from <output_dir>/checkpoint (an error when there is none); "
                         "without it a run resumes automatically when a checkpoint exists "
                         "(train.resume: auto)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set optim.lr=1e-5 --set "
+                        "loss.params.delta=0.5 (repeatable; validated like the YAML; "
+                        "`drpo config show` lists the fields)")
     args = p.parse_args(argv)
 
-    from drpo_megatron.config import ConfigError, load_config
+    from drpo_megatron.config import ConfigError, check_world_size, load_config
 
     overrides: dict = {}
     if args.max_steps is not None:
@@ -33,9 +37,7 @@ def _train(argv: list[str]) -> int:
     if args.resume:
         overrides.setdefault("train", {})["resume"] = "must"
     try:
-        cfg = load_config(args.config, overrides)
-        from drpo_megatron.run import check_world_size
-
+        cfg = load_config(args.config, overrides, sets=args.set)
         check_world_size(cfg)  # the launch matches parallel.num_nodes * gpus_per_node
     except ConfigError as e:
         print(f"drpo train: config error: {e}", file=sys.stderr)
@@ -49,6 +51,37 @@ def _train(argv: list[str]) -> int:
     last = train(cfg)
     print(f"done: {cfg.train.max_steps} steps, last reward {last.get('rollout/reward_mean', float('nan')):.3f}; "
           f"run directory {os.path.abspath(os.path.expanduser(cfg.output_dir))}")
+    return 0
+
+
+def _config(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="drpo config", description="Inspect the run config.")
+    sub = p.add_subparsers(dest="action", required=True)
+    show = sub.add_parser("show", help="every field with its value, default and documentation")
+    show.add_argument("--config", help="YAML run config; default: the embedded CPU run")
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a field, as for drpo train")
+    show.add_argument("--format", choices=["table", "yaml"], default="table",
+                      help="table: field, value, default, doc; yaml: the resolved config")
+    args = p.parse_args(argv)
+
+    import yaml
+
+    from drpo_megatron.config import ConfigError, describe_fields, load_config
+
+    try:
+        cfg = load_config(args.config, sets=args.set)
+    except ConfigError as e:
+        print(f"drpo config: config error: {e}", file=sys.stderr)
+        return 2
+    if args.format == "yaml":
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    for name, value, default, doc in describe_fields(cfg):
+        mark = "" if value == default else "   (default: " + repr(default) + ")"
+        print(f"{name} = {value!r}{mark}")
+        if doc:
+            print(f"    {doc}")
     return 0
 
 
@@ -76,7 +109,7 @@ def _submit(argv: list[str]) -> int:
     return submit_main(argv)
 
 
-COMMANDS = {"train": _train, "dashboard": _dashboard, "convert": _convert, "plan": _plan,
+COMMANDS = {"train": _train, "config": _config, "dashboard": _dashboard, "convert": _convert, "plan": _plan,
             "submit": _submit}
 
 

@@ -1,7 +1,8 @@
 """The RL loop, top to bottom: generate -> reward -> advantage -> train -> sync -> eval -> save.
 
-Each box is one call into its component; the components are built from the typed
-:class:`~drpo_megatron.config.RunConfig` by :func:`build_components`.
+Each box is one call on a component of the :class:`~drpo_megatron.run.Run` that
+:func:`~drpo_megatron.run.build_run` built from the typed config (docs/architecture.md has the
+call graph of one step).
 """
 
 from __future__ import annotations
@@ -10,103 +11,108 @@ import logging
 import time
 
 from drpo_megatron.config import RunConfig
+from drpo_megatron.dist import share
 from drpo_megatron.operate.preempt import Stopper
-from drpo_megatron.run import Components, build_components, evaluate
+from drpo_megatron.rollout.engine import rollout_metrics
+from drpo_megatron.run import Run, build_run
+from drpo_megatron.training.checkpoint import find_checkpoint
 
 log = logging.getLogger(__name__)
 
 
-def save(c: Components, step: int) -> None:
+def save(run: Run, step: int) -> None:
     """Checkpoint: model, optimizer, RNG states, the data cursor and the step (atomic)."""
     t0 = time.time()
-    c.actor.save_checkpoint(c.run_dir / "checkpoint", step=step,
-                            extra_state={"cursor": c.cursor, "order": list(c.order)})
+    run.actor.save_checkpoint(run.run_dir / "checkpoint", step=step,
+                              extra_state=run.prompts.state_dict())
     log.info("saved checkpoint of step %d in %.1fs", step, time.time() - t0)
 
 
-def resume(c: Components, cfg: RunConfig) -> int:
+def resume(run: Run) -> int:
     """Load ``<run_dir>/checkpoint`` when ``train.resume`` asks for it; returns the first step
     to run.  The loaded weights go to the rollout servers (weight_version = the checkpoint's
     step) before the first rollout, so step+1 samples from the policy it would have had, and are
     checked there (rollout/verify.py: probe log-probs against the trainer's own forward)."""
-    from drpo_megatron.models.megatron_model import find_checkpoint
-
-    if cfg.train.resume == "never":
-        return 1
-    ckpt = find_checkpoint(c.run_dir / "checkpoint")
+    mode = run.cfg.train.resume
+    ckpt = None if mode == "never" else find_checkpoint(run.run_dir / "checkpoint")
     if ckpt is None:
-        if cfg.train.resume == "must":
-            raise FileNotFoundError(f"--resume: no checkpoint in {c.run_dir / 'checkpoint'}")
+        if mode == "must":
+            raise FileNotFoundError(f"--resume: no checkpoint in {run.run_dir / 'checkpoint'}")
         return 1
-    step, extra = c.actor.load_checkpoint(ckpt)
-    c.cursor = int(extra.get("cursor", 0))
-    c.order = list(extra.get("order", []))
-    c.transport.push(version=step)
-    if not cfg.rollout.verify_sync:  # (with it, push checked already) drift after resume: loud
-        c.transport.verify(step)
+    step, extra = run.actor.load_checkpoint(ckpt)
+    run.prompts.load_state_dict(extra)
+    run.sync.push(version=step)
+    if not run.cfg.rollout.verify_sync:  # (with it, push checked already) drift after resume: loud
+        run.sync.verify(step)
     log.info("resumed from %s at step %d (data cursor %d); continuing at step %d", ckpt, step,
-             c.cursor, step + 1)
+             run.prompts.cursor, step + 1)
     return step + 1
 
 
 def train(cfg: RunConfig) -> dict[str, float]:
     """Run RL steps up to ``cfg.train.max_steps``; returns the last step's metrics."""
     stopper = Stopper.from_env()  # preemption requests (drpo_megatron/operate/preempt.py)
-    c: Components = build_components(cfg)
+    run = build_run(cfg)
     last: dict[str, float] = {}
+    old_policy_anchor = cfg.loss.policy.anchor == "old_policy"
     try:
-        start = resume(c, cfg)
-        if cfg.train.eval_every and start == 1:
-            c.writers.log_scalars(0, evaluate(c, version=0))
-        for step in c.progress(range(start, cfg.train.max_steps + 1)):
+        start = resume(run)
+        if cfg.train.eval_every and start == 1 and run.driver:
+            run.writers.log_scalars(0, run.rollout.evaluate(version=0))
+        for step in run.progress.steps(range(start, cfg.train.max_steps + 1)):
             t_step = time.time()
             metrics: dict[str, float] = {}
 
             # 1-3 run on the driver rank (it talks to SGLang), then go to every training rank
             samples = None
-            if c.driver:  # the data cursor that checkpoints save is the driver's
+            if run.driver:
                 # 1. generate: n samples per prompt from SGLang, with per-token log-probs µ, and
                 # 2. reward them (math-verify on \boxed{} answers; rollout.overlong): one call,
                 #    because dynamic sampling (rollout.dynamic_filter) generates more prompts until
                 #    enough groups have non-equal rewards; it times both parts
                 #    (perf/rollout_time_s, perf/reward_time_s)
-                samples, sampling_metrics = c.generate_and_score(step)
+                samples, sampling_metrics = run.rollout.generate_and_score(step, run.prompts.next)
                 metrics.update(sampling_metrics)
 
                 # 3. group advantages
-                c.assign_advantages(samples)
-            samples = c.share(samples)
-            metrics.update(c.rollout_metrics(samples, current_version=step - 1))
-            c.record(step, samples)
+                run.rollout.assign_advantages(samples)
+            samples = share(samples)
+            metrics.update(rollout_metrics(samples, current_version=str(step - 1)))
+            run.recorder.record(step, samples)
 
-            # 4. train: mismatch of the rollout policy vs the trainer, then mini-batch updates
+            # 4. train: π of the samples before any update (the mismatch monitor's input, and
+            #    π_old when the loss is anchored on the old policy), then the mini-batch updates
             t0 = time.time()
-            metrics.update(c.mismatch(step, samples))
-            metrics.update(c.train_on(samples))
+            logp = run.actor.compute_logprobs(samples)
+            metrics.update(run.monitor.measure(step, samples, logp))
+            metrics.update(run.actor.train_on(samples,
+                                              anchor_logp=logp if old_policy_anchor else None))
             metrics["perf/train_time_s"] = time.time() - t0
-            metrics.update(c.throughput(samples, metrics["perf/train_time_s"]))
+            metrics.update(run.throughput.measure(
+                [len(s.prompt_ids) + len(s.response_ids) for s in samples],
+                metrics["perf/train_time_s"]))
 
             # 5. sync weights to the rollout servers (weight_version = step)
-            metrics.update(c.transport.push(version=step))
+            metrics.update(run.sync.push(version=step))
 
             # 6. eval on the held-out set
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                metrics.update(evaluate(c, version=step))
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and run.driver:
+                metrics.update(run.rollout.evaluate(version=step))
 
             metrics["perf/step_time_s"] = time.time() - t_step
-            c.writers.log_scalars(step, metrics)
-            c.show(step, metrics)
+            run.writers.log_scalars(step, metrics)
+            run.progress.show(step, metrics)
             last = metrics
 
             # 7. save (every train.save_every steps; always after the last step; and on a stop
             #    request: stop file / SIGTERM / SIGUSR1 -> checkpoint, exit 75, SLURM requeues)
             every = cfg.train.save_every
-            stop = c.share(stopper.requested())  # the driver's decision: save is collective
+            stop = share(stopper.requested())  # the driver's decision: save is collective
             if stop or step == cfg.train.max_steps or (every and step % every == 0):
-                save(c, step)
+                save(run, step)
             if stop and step < cfg.train.max_steps:
                 stopper.exit_after_checkpoint(step)
     finally:
-        c.close()
+        run.close()
         stopper.close()
     return last

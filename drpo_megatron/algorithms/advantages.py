@@ -13,9 +13,13 @@ A group whose rewards are all equal gets advantage 0 for every estimator.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
-ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+#: Group advantage estimators (:func:`compute_advantages`); the config field ``loss.advantage``.
+AdvantageEstimator = Literal["grpo", "dr_grpo", "rloo"]
+ADVANTAGE_ESTIMATORS = get_args(AdvantageEstimator)
 
 
 def compute_advantages(rewards: torch.Tensor, group_size: int, estimator: str = "dr_grpo",

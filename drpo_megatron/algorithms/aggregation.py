@@ -20,12 +20,16 @@ must lie entirely in one call (its |i| is computed locally).
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
 from ._common import dense_seq_index
 
-AGGREGATION_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-                     "seq-mean-token-sum-norm")
+#: Loss aggregation modes (see :func:`aggregate_loss`); the config field ``loss.aggregation``.
+AggregationMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                          "seq-mean-token-sum-norm"]
+AGGREGATION_MODES = get_args(AggregationMode)
 
 
 def _denominator(value, local: torch.Tensor) -> torch.Tensor:

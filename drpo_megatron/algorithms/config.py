@@ -18,7 +18,8 @@ Fields common to every loss (:class:`BaseLossConfig`):
     tokens with ``|pi - mu| > monitor_delta``). Default = DPPO Binary-TV's delta, so every loss
     reports how many tokens sit beyond the DPPO trust region.
 
-Numeric fields accept ints and numeric strings (PyYAML reads ``3e-4`` as a string).
+Numeric fields accept ints; strings are refused (``delta: "12.5"`` is a typo, not a number; the
+config loader reads ``3e-4`` as a number, as YAML 1.2 does).
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
+from pydantic import Field, PrivateAttr, model_validator
+
+from drpo_megatron.schema import Section
+
+from .advantages import AdvantageEstimator
+from .aggregation import AggregationMode
 
 ANCHORS = ("rollout", "old_policy")
 
@@ -78,12 +85,9 @@ def _coerce_and_check(obj: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             _fail(cls_name, f.name, value, "must be a number",
                   f"set {f.name} to a number (default {default!r})")
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                _fail(cls_name, f.name, value, "must be a number",
-                      f"set {f.name} to a number (default {default!r})")
+        if isinstance(value, str):  # a quoted "12.5" is a typo or a template bug, not a number
+            _fail(cls_name, f.name, value, "must be a number, not a string",
+                  f"write {f.name}: {default!r} without quotes")
         if is_int_field:
             if float(value) != int(value):
                 _fail(cls_name, f.name, value, "must be an integer",
@@ -114,6 +118,13 @@ class BaseLossConfig:
 
     def __post_init__(self) -> None:
         _coerce_and_check(self)
+
+    @property
+    def prob_space_delta(self) -> float | None:
+        """The loss's boundary on |pi - mu| in probability space (DRPO's and DPPO-TV's delta),
+        or None when its delta means something else (a KL threshold, a ratio-space scale): the
+        mismatch monitor then reports the DRPO default instead of misreading it."""
+        return None
 
 
 @dataclass
@@ -176,6 +187,8 @@ class DPPOTVConfig(BaseLossConfig):
 
     delta: float = _spec(0.15, "prob")
 
+    prob_space_delta = property(lambda self: self.delta)
+
 
 @dataclass
 class DPPOKLConfig(BaseLossConfig):
@@ -194,6 +207,8 @@ class DPPOTopKTVConfig(BaseLossConfig):
 
     delta: float = _spec(0.15, "prob")
     top_k: int = _spec(20, "pos_int")
+
+    prob_space_delta = property(lambda self: self.delta)
 
 
 @dataclass
@@ -216,6 +231,8 @@ class DRPOConfig(BaseLossConfig):
     delta: float = _spec(12.5, "positive")
     mu_weighting: bool = _spec(True)
 
+    prob_space_delta = property(lambda self: self.delta)
+
 
 @dataclass
 class MaskDRPOConfig(BaseLossConfig):
@@ -227,6 +244,8 @@ class MaskDRPOConfig(BaseLossConfig):
 
     delta: float = _spec(12.5, "positive")
     mask_delta: float = _spec(0.15, "prob")
+
+    prob_space_delta = property(lambda self: self.delta)
 
 
 @dataclass
@@ -328,3 +347,40 @@ def select_anchor_logp(cfg: BaseLossConfig, rollout_logp: torch.Tensor,
             f"{type(cfg).__name__}.anchor = 'old_policy' but no recomputed old-policy log-probs "
             "were given. Fix: recompute pi_old log-probs before the update, or set anchor: rollout")
     return old_policy_logp.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# The run config's ``loss:`` section
+# ---------------------------------------------------------------------------------------------
+class LossSection(Section):
+    """``name`` picks the policy loss from :data:`drpo_megatron.algorithms.POLICY_LOSSES`;
+    ``params`` are that loss's typed config fields (e.g. ``{delta: 12.5}`` for DRPO), resolved
+    once, at load, to :attr:`policy` (the loss's dataclass, validated)."""
+
+    name: str = "drpo"
+    """Policy loss: drpo, pg_is, ppo_clip, cispo, gspo, spo, dppo_tv, dppo_kl, dppo_topk_tv,
+    dppo_topk_kl, mask_drpo, kl_penalty, k3_penalty, tv_penalty (docs/losses.md)."""
+    params: dict[str, Any] = Field(default_factory=lambda: {"delta": 12.5})
+    """Fields of the loss's typed config (algorithms/config.py), e.g. {delta: 12.5} for DRPO,
+    {eps_low: 0.2, eps_high: 0.28} for ppo_clip, plus anchor: rollout | old_policy."""
+    aggregation: AggregationMode = "seq-mean-token-sum-norm"
+    """How per-token losses become the step loss (denominators global over the step)."""
+    horizon: int = Field(default=16, gt=0)
+    """Constant horizon H of seq-mean-token-sum-norm (the paper: max response length 8192)."""
+    advantage: AdvantageEstimator = "dr_grpo"
+    """Group advantage estimator: dr_grpo (mean subtracted, the paper's), grpo (/ std), rloo."""
+
+    _policy: BaseLossConfig | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _resolve(self) -> "LossSection":
+        try:
+            self._policy = make_loss_config(self.name, self.params)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"loss: {e}") from None
+        return self
+
+    @property
+    def policy(self) -> BaseLossConfig:
+        """The loss's typed config (``LOSS_CONFIGS[name]`` built from ``params``)."""
+        return self._policy

@@ -3,7 +3,7 @@
 ``drpo convert hf-to-mcore --hf DIR --out DIR [--tp N --pp N --ep N] [--dtype fp32|bf16]``
     Loads the HF checkpoint into a Megatron-Core GPTModel sharded TP x PP x EP (megatron-bridge
     maps the names), saves it with ``dist_checkpointing`` (torch_dist; the format of
-    :func:`drpo_megatron.models.megatron_model.save_megatron_checkpoint`, which loads under any
+    :func:`drpo_megatron.training.checkpoint.save_megatron_checkpoint`, which loads under any
     other TP/PP/EP layout), then **zeroes every parameter, reloads the saved checkpoint** and
     prints the max |logit difference| against the HF model (transformers) on sample prompts.
 
@@ -41,6 +41,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Sequence
+
+from drpo_megatron.dist import barrier
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +255,6 @@ def megatron_logits(model_chunks: Sequence[Any], ids):
 
 
 def _compare(a, b) -> dict:
-    import torch
 
     V = min(a.shape[-1], b.shape[-1])  # Megatron pads the vocab
     a, b = a[..., :V].float(), b[..., :V].float()
@@ -271,13 +272,6 @@ def _load_model(hf_config_dir: str, *, dtype: str, tp: int, pp: int, ep: int, et
                                   wrap_ddp=False, load_weights=load_weights)
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-
-
 # ---------------------------------------------------------------------------- conversions
 
 
@@ -287,7 +281,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, ep: int 
     """HF -> Megatron torch_dist checkpoint (collective).  Returns the report dict."""
     import torch
 
-    from drpo_megatron.models import megatron_model as mm
+    from drpo_megatron.training import checkpoint as ckpt
 
     cfg = read_hf_config(hf_dir, "--hf")
     arch = check_architecture(cfg, "--hf")
@@ -296,7 +290,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, ep: int 
     out = Path(out_dir).expanduser().resolve()
     bridge, provider, model = _load_model(hf_dir, dtype=dtype, tp=tp, pp=pp, ep=ep, etp=etp,
                                           load_weights=True)
-    mm.save_megatron_checkpoint(model, None, out, step=0)
+    ckpt.save_megatron_checkpoint(model, None, out, step=0)
     if _rank() == 0:
         _copy_non_weight_files(Path(hf_dir).expanduser(), out / HF_CONFIG_SUBDIR)
     report: dict = {"direction": "hf-to-mcore", "source_hf": str(Path(hf_dir).expanduser().resolve()),
@@ -308,7 +302,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, ep: int 
             for m in model:
                 for p in m.parameters():
                     p.zero_()
-        mm.load_megatron_checkpoint(model, None, out)
+        ckpt.load_megatron_checkpoint(model, None, out)
         ids = sample_input_ids(hf_dir, cfg["vocab_size"])
         ref = hf_logits(hf_dir, ids, dtype)
         got = megatron_logits(model, ids)
@@ -317,7 +311,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, ep: int 
         _check_atol(report, dtype, atol)
     if _rank() == 0:
         (out / META_FILE).write_text(json.dumps(report, indent=1))
-    _barrier()
+    barrier()
     return report
 
 
@@ -326,6 +320,7 @@ def mcore_to_hf(mcore_dir: str, out_dir: str, *, hf_config: str | None = None, t
                 verify: bool = True, atol: float | None = None) -> dict:
     """Megatron torch_dist checkpoint -> HF directory (collective).  Returns the report dict."""
     from drpo_megatron.models import megatron_model as mm
+    from drpo_megatron.training import checkpoint as ckpt
     from drpo_megatron.weights.hf_export import write_hf_checkpoint
 
     mdir = Path(mcore_dir).expanduser()
@@ -349,7 +344,7 @@ def mcore_to_hf(mcore_dir: str, out_dir: str, *, hf_config: str | None = None, t
     out = Path(out_dir).expanduser().resolve()
     bridge, provider, model = _load_model(hf_config, dtype=dtype, tp=tp, pp=pp, ep=ep, etp=etp,
                                           load_weights=False)
-    mm.load_megatron_checkpoint(model, None, mdir)
+    ckpt.load_megatron_checkpoint(model, None, mdir)
     # A config-only bridge: the HF directory may hold no weights (hf_config/ has none); the
     # export then maps every Megatron tensor without filtering against on-disk HF keys.
     from megatron.bridge import AutoBridge
@@ -358,7 +353,7 @@ def mcore_to_hf(mcore_dir: str, out_dir: str, *, hf_config: str | None = None, t
     bridge = AutoBridge.from_hf_config(AutoConfig.from_pretrained(hf_config))
     write_hf_checkpoint(mm.export_hf_state_dict(bridge, model), out, source_dir=hf_config,
                         precision="bf16", write=_rank() == 0)
-    _barrier()
+    barrier()
     report: dict = {"direction": "mcore-to-hf", "mcore": str(mdir.resolve()), "hf_config": hf_config,
                     "out": str(out), "architecture": arch, "tp": tp, "pp": pp, "ep": ep,
                     "etp": etp, "dtype": dtype, "world_size": _world()}

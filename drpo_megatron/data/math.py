@@ -6,7 +6,7 @@ The prompt shown to the model is ``task.prompt_template`` with ``{problem}`` rep
 the tokenizer's chat template when it has one (Qwen3 base checkpoints ship one), so the answer
 lands in ``\\boxed{}`` where the math-verify reward looks for it.
 
-Training order, the epoch reshuffle and the data cursor are the loop's (``run.next_prompts``);
+Training order, the epoch reshuffle and the data cursor are the loop's (``data/prompts.py``);
 evaluation reports avg@k per source file (``eval/<source>/avg@k``) and over all of them.
 """
 

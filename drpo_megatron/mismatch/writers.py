@@ -32,7 +32,7 @@ import numbers
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Literal, Mapping, Optional, Protocol, runtime_checkable, Sequence, Union
 
 from .histograms import HISTOGRAM_BINS, HISTOGRAM_SCALES, summarize_histogram
 
@@ -311,6 +311,8 @@ WRITERS: dict[str, type] = {
     "wandb": WandbWriter,
 }
 _ALIASES = {"tb": "tensorboard", "json": "jsonl"}
+#: logging.writers entries: a writer name or an alias
+WriterName = Literal["jsonl", "tensorboard", "wandb", "tb", "json"]
 #: Option prefix per writer for ``build_writers(**opts)``.
 WRITER_OPTION_PREFIXES = {"jsonl": "jsonl_", "tensorboard": "tb_", "wandb": "wandb_"}
 

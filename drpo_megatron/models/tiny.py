@@ -14,10 +14,11 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from drpo_megatron.schema import Section
 
 log = logging.getLogger(__name__)
 
@@ -31,31 +32,43 @@ CHAT_TEMPLATE = (
 )
 
 
-@dataclass
-class TinyModelConfig:
+class TinyModelConfig(Section):
     """Architecture of the embedded Qwen3-MoE policy and its warm start."""
 
     hidden_size: int = 128
+    """Hidden size of the embedded policy."""
     num_layers: int = 2
+    """Transformer layers (each one MoE)."""
     num_heads: int = 4
+    """Attention heads."""
     num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention)."""
     head_dim: int = 32
+    """Per-head dimension."""
     num_experts: int = 4
+    """Routed experts per MoE layer."""
     top_k: int = 2
+    """Experts each token is routed to."""
     moe_intermediate_size: int = 128
+    """FFN size of one expert."""
     max_position_embeddings: int = 256
+    """Longest sequence (prompt + response) the policy supports."""
     seed: int = 1234
-    # SFT warm start: imitate a *noisy teacher* whose answer is right with probability
-    # 1 - sft_label_noise and otherwise off by 1 or 2 (redrawn every time a problem is seen).
-    # The policy learns the format and puts the right answer as its mode, but samples it only
-    # about half the time at temperature 1: the headroom RL has to close.
+    """Seed of the random initialisation and of the warm start."""
     sft_steps: int = 300
+    """SFT warm start steps: imitate a *noisy teacher* whose answer is right with probability
+    1 - sft_label_noise and otherwise off by 1 or 2 (redrawn every time a problem is seen). The
+    policy learns the format and puts the right answer as its mode, but samples it only about
+    half the time at temperature 1: the headroom RL has to close."""
     sft_batch_size: int = 64
+    """Sequences per SFT step."""
     sft_lr: float = 3e-3
+    """SFT learning rate (AdamW)."""
     sft_label_noise: float = 0.5
+    """Probability that the noisy teacher's answer is off by 1 or 2."""
 
     def cache_key(self, max_operand: int) -> str:
-        payload = json.dumps({"cfg": asdict(self), "vocab": VOCAB_SIZE, "format": 2,
+        payload = json.dumps({"cfg": self.model_dump(), "vocab": VOCAB_SIZE, "format": 2,
                               "max_operand": max_operand}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
@@ -205,7 +218,7 @@ def ensure_tiny_checkpoint(cache_dir: str | os.PathLike, cfg: TinyModelConfig | 
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "drpo_tiny.json").write_text(json.dumps(
-            {"config": asdict(cfg), "max_operand": max_operand, "sft_loss_first": losses[0] if losses else None,
+            {"config": cfg.model_dump(), "max_operand": max_operand, "sft_loss_first": losses[0] if losses else None,
              "sft_loss_last": losses[-1] if losses else None, "build_s": time.time() - t0}, indent=2))
         try:
             tmp.rename(final)

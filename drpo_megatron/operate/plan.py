@@ -72,7 +72,7 @@ def resolve_arch(cfg: RunConfig) -> ArchConfig:
     if hf is not None and (hf / "config.json").is_file():
         c = json.loads((hf / "config.json").read_text())
         c = c.get("text_config", c)
-        fields = {f: c[f] for f in ArchConfig.__dataclass_fields__ if f in c}
+        fields = {f: c[f] for f in ArchConfig.model_fields if f in c}
         fields["architecture"] = (c.get("architectures") or [cfg.model.arch.architecture])[0]
         fields.setdefault("head_dim", c["hidden_size"] // c["num_attention_heads"])
         fields.setdefault("num_key_value_heads", c["num_attention_heads"])

@@ -14,38 +14,12 @@ on a real server).  K must not exceed the vocabulary: SGLang's scheduler dies on
 
 from __future__ import annotations
 
+import hashlib
 import math
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from drpo_megatron.rollout.server import SGLangServer, ServerError
-
-
-@dataclass
-class Sample:
-    """One generated response.  Token lists are python ints/floats (host memory)."""
-
-    group_id: int
-    prompt_ids: list[int]
-    response_ids: list[int]
-    rollout_logp: list[float]  # µ: [len(response_ids)], log-prob of each sampled token
-    text: str
-    finish_reason: str
-    weight_version: str
-    answer: str = ""
-    reward: float = 0.0
-    advantage: float = 0.0
-    # False: the sample is excluded from the loss and its denominators (rollout.overlong: filter);
-    # its reward still enters its group's advantage baseline.
-    in_loss: bool = True
-    # µ's top-K per response token (only when the loss needs them): [len(response_ids)][K]
-    topk_ids: list[list[int]] | None = None
-    topk_logp: list[list[float]] | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_response_tokens(self) -> int:
-        return len(self.response_ids)
+from drpo_megatron.samples import Sample
 
 
 def parse_sample(out: Any, *, group_id: int, prompt_ids: list[int], answer: str,
@@ -181,3 +155,34 @@ def rollout_metrics(samples: Sequence[Sample], current_version: str | None = Non
         except ValueError:
             pass
     return out
+
+
+def sampling_seed(seed: int, step: int, group: int, sample: int) -> int:
+    """SGLang ``sampling_seed`` of one sample: a 31-bit hash of (train.seed, step, prompt index
+    in the step, sample index in the group); distinct per sample, identical across restarts."""
+    digest = hashlib.sha256(f"{seed}:{step}:{group}:{sample}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def seeded_generate_groups(server, prompts, answers, *, n: int, temperature: float, top_p: float,
+                           max_new_tokens: int, seed: int, step: int, first_group: int = 0,
+                           top_k: int = 0) -> list[Sample]:
+    """Like ``generate_groups`` (group-major, ``len(prompts) * n`` samples) with one request
+    per sample, each with its own ``sampling_seed``: SGLang seeds a request's sampling by
+    (seed, position), so the n samples of a prompt must not share one seed (they would be
+    identical).  ``first_group``: step-local index of ``prompts[0]`` (its group id and seed
+    index); ``top_k`` > 0 also requests µ's top-K log-probs."""
+    ids, params = [], []
+    for g, p in enumerate(prompts):
+        for k in range(n):
+            ids.append(list(p))
+            params.append({"n": 1, "temperature": temperature, "top_p": top_p,
+                           "max_new_tokens": max_new_tokens,
+                           "sampling_seed": sampling_seed(seed, step, first_group + g, k)})
+    outs = server.generate(ids, params, return_logprob=True, top_logprobs_num=top_k)
+    if len(outs) != len(ids):
+        raise ServerError(f"{server.name}: /generate returned {len(outs)} outputs for "
+                          f"{len(ids)} seeded requests")
+    return [parse_sample(out, group_id=first_group + i // n, prompt_ids=prompts[i // n],
+                         answer=answers[i // n], server_name=server.name, top_k=top_k)
+            for i, out in enumerate(outs)]

@@ -14,11 +14,9 @@ router somebody else runs (``rollout.router_url`` / env ``DRPO_ROUTER_URL``).
   first removed from the router, then restarted, re-synced to the trainer's current weights
   (the ``resync`` callback) and its ``weight_version`` checked, and only then registered again.
   Weight updates never go through the router: the transports push to each worker directly.
-* :class:`PausedTransport` brackets every weight push with ``/pause_generation`` (mode
-  ``abort``) and ``/continue_generation`` on each worker: a request in flight during an update
-  comes back aborted and is re-issued whole, so no sample mixes two weight versions.
-* :class:`RolloutSetup` is what ``run.build_components`` uses: it starts (or attaches to) the
-  servers and the router, wraps the transport and builds the front.
+* :class:`RolloutSetup` is what ``run.build_run`` uses: it starts (or attaches to) the servers
+  and the router and builds the front.  Weight pushes are bracketed by ``/pause_generation`` ...
+  ``/continue_generation`` in ``weights/sync.py`` (``PausedTransport``).
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence, get_args
 
 import requests
 
@@ -42,7 +40,11 @@ from drpo_megatron.rollout.server import (HEALTH_POLL_S, LOG_EVERY_S, ManagedPro
 log = logging.getLogger(__name__)
 
 ROUTER_URL_ENV = "DRPO_ROUTER_URL"
-ROUTER_POLICIES = ("round_robin", "cache_aware", "power_of_two", "random")
+#: rollout.router_policy: sglang-router's --policy
+RouterPolicy = Literal["round_robin", "cache_aware", "power_of_two", "random"]
+ROUTER_POLICIES = get_args(RouterPolicy)
+#: rollout.router with several servers: sglang-router in front, or drpo's own client dispatch
+RouterKind = Literal["sglang-router", "client"]
 
 
 def plain_tail(path: Path) -> str:
@@ -245,49 +247,6 @@ class RouterFleet(Fleet):
         self.router.stop()
 
 
-class PausedTransport:
-    """Wraps a weight transport: every push is bracketed by ``/pause_generation`` (mode
-    ``abort``) and ``/continue_generation`` on each server (driver rank only; the push itself
-    stays collective).  ``version`` is the last version pushed (the re-sync target)."""
-
-    def __init__(self, inner, servers: Sequence[SGLangServer], *, mode: str = "abort",
-                 version: int = 0):
-        self.inner = inner
-        self.servers = list(servers)
-        self.mode = mode
-        self.version = version
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def push(self, version: int) -> dict[str, float]:
-        from drpo_megatron.weights.transport import _rank0
-
-        paused: list[SGLangServer] = []
-        t0 = time.time()
-        try:
-            if _rank0():
-                for s in self.servers:
-                    s.pause_generation(self.mode)
-                    paused.append(s)
-            t_pause = time.time() - t0
-            out = dict(self.inner.push(version))
-            self.version = version
-        finally:
-            for s in paused:
-                try:
-                    s.continue_generation()
-                except ServerError as e:  # a dead server: the watchdog restarts it
-                    log.warning("%s", str(e).splitlines()[0])
-        out["perf/weight_sync_pause_s"] = t_pause
-        return out
-
-    def close(self) -> None:
-        close = getattr(self.inner, "close", None)
-        if close is not None:
-            close()
-
-
 def resolve_router_url(rollout_cfg) -> tuple[str | None, str]:
     """The external router to use: ``rollout.router_url`` when set, else env
     ``DRPO_ROUTER_URL``; returns ``(url, where it came from)``."""
@@ -303,10 +262,10 @@ def resolve_router_url(rollout_cfg) -> tuple[str | None, str]:
 
 
 class RolloutSetup:
-    """The rollout side of a run (driver rank): servers, router, transport wrapper and front.
+    """The rollout side of a run (driver rank): servers, router and front.
 
     Use: ``r = RolloutSetup(cfg.rollout, policy, log_dir, driver)``; ``r.start()`` (before the
-    actor builds: servers load meanwhile); ``r.wait_ready()``; ``transport = r.wrap(transport)``;
+    actor builds: servers load meanwhile); ``r.wait_ready()``;
     ``front = r.front(resync)``; on error ``r.stop()``.  On a non-driver rank everything is empty
     and ``front`` is ``None``.
     """
@@ -319,7 +278,6 @@ class RolloutSetup:
         self.driver = driver
         self.router: SGLangRouter | None = None
         self.servers: list[SGLangServer] = []
-        self.transport: PausedTransport | None = None
         self.router_url, self.router_url_from = resolve_router_url(rcfg) if driver else (None, "")
         n = rcfg.num_servers
         if not driver:
@@ -371,21 +329,16 @@ class RolloutSetup:
         for s in self.servers:
             s.set_weight_version("0")
 
-    def wrap(self, transport) -> PausedTransport:
-        self.transport = PausedTransport(transport, self.servers)
-        return self.transport
-
-    def current_version(self) -> str:
-        return str(self.transport.version if self.transport is not None else 0)
-
     def front(self, resync: Callable[[SGLangServer, int], None] | None = None, *,
-              max_attempts: int = 3):
+              current_version: Callable[[], int] = lambda: 0, max_attempts: int = 3):
         """What the loop generates through: the one server, a client-side :class:`Fleet`, or a
-        :class:`RouterFleet`.  ``resync(server, version)`` pushes ``version`` to one server."""
+        :class:`RouterFleet`.  ``resync(server, version)`` pushes ``version`` to one server;
+        ``current_version()`` is the last version pushed (weights/sync.py's PausedTransport)."""
         if not self.driver:
             return None
-        rs = None if resync is None else (lambda s: resync(s, int(self.current_version())))
-        kw = dict(resync=rs, current_version=self.current_version, max_attempts=max_attempts)
+        rs = None if resync is None else (lambda s: resync(s, int(current_version())))
+        kw = dict(resync=rs, current_version=lambda: str(current_version()),
+                  max_attempts=max_attempts)
         if self.router is not None:
             return RouterFleet(self.router, self.servers, **kw)
         if len(self.servers) > 1:
@@ -397,52 +350,3 @@ class RolloutSetup:
             s.stop()
         if self.router is not None:
             self.router.stop()
-
-
-def one_server_resync(build_transport: Callable[[list[SGLangServer]], Any]
-                      ) -> Callable[[SGLangServer, int], None]:
-    """A ``resync(server, version)`` that pushes ``version`` through a one-server transport made
-    by ``build_transport([server])`` (closed afterwards); raises unless the server then reports
-    ``weight_version == version``."""
-
-    def resync(s: SGLangServer, version: int) -> None:
-        t = build_transport([s])
-        try:
-            t.push(version=version)
-        finally:
-            close = getattr(t, "close", None)
-            if close is not None:
-                close()
-    return resync
-
-
-def export_dir_resync(latest: Callable[[], Path | None]) -> Callable[[SGLangServer, int], None]:
-    """A ``resync(server, version)`` that needs no collective: the restarted server loads the
-    newest HF export of the disk transport (``latest()``), or, before the first push, keeps the
-    initial checkpoint it started from (version 0).  What a trainer with several ranks uses: a
-    push through a transport is collective (every rank exports its shards), and a server dies
-    on the driver rank alone, in the middle of a rollout."""
-
-    def resync(s: SGLangServer, version: int) -> None:
-        path = latest()
-        if path is None:
-            if version != 0:
-                raise ServerError(f"{s.name}: no weight export to re-sync version {version} from")
-            s.set_weight_version("0")
-        else:
-            s.update_weights_from_disk(path, weight_version=str(version))
-    return resync
-
-
-def collective_only_resync(transport: str, ranks: int) -> Callable[[SGLangServer, int], None]:
-    """The ``resync`` of a multi-rank trainer whose transport is collective (tensor,
-    distributed): a dead server cannot be re-synced in the middle of a rollout, so the step
-    fails with what to change instead of hanging in a collective the other ranks never join."""
-
-    def resync(s: SGLangServer, version: int) -> None:
-        raise ServerError(
-            f"{s.name} was restarted but cannot be re-synced to weight version {version}: with "
-            f"{ranks} training ranks the {transport!r} transport is collective and the other ranks "
-            f"are not in it mid-rollout; set rollout.weight_transport: disk (re-syncs from the "
-            f"newest export) or resume the run from its checkpoint")
-    return resync

@@ -45,15 +45,19 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, get_args, Literal, Sequence
 
 from drpo_megatron.rollout.engine import Sample
 
 __all__ = ["OVERLONG_MODES", "ON_EXHAUSTED", "DynamicSamplingExhausted", "apply_overlong", "check_sampling_config",
            "overlong_penalty", "generate_scored_groups"]
 
-OVERLONG_MODES = ("keep", "filter", "penalty")
-ON_EXHAUSTED = ("raise", "fill")
+#: rollout.overlong: what happens to responses cut at max_new_tokens (:func:`apply_overlong`)
+OverlongMode = Literal["keep", "filter", "penalty"]
+#: rollout.on_exhausted: what dynamic sampling does after max_rounds rounds
+OnExhausted = Literal["raise", "fill"]
+OVERLONG_MODES = get_args(OverlongMode)
+ON_EXHAUSTED = get_args(OnExhausted)
 
 # (k) -> (prompts [k][ids], answers [k])
 NextPrompts = Callable[[int], "tuple[list[list[int]], list[str]]"]

@@ -12,13 +12,14 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import requests
+from pydantic import Field
 
 from drpo_megatron.platform import sglang_cpu
+from drpo_megatron.schema import Section
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +64,25 @@ def tail(path: Path, n: int = LOG_TAIL_LINES) -> str:
     return "\n".join(lines[-n:])
 
 
-@dataclass
-class ServerConfig:
+class ServerConfig(Section):
     """One SGLang server.  ``extra_args`` go verbatim to ``sglang.launch_server``."""
 
     host: str = "127.0.0.1"
-    port: int = 0  # 0: pick a free port
-    startup_timeout_s: float = 300.0
-    request_timeout_s: float = 300.0
-    weight_update_timeout_s: float = 300.0
-    dtype: str = "bfloat16"
+    """Address the server binds to and we connect to."""
+    port: int = Field(default=0, ge=0, le=65535)
+    """TCP port; 0 = pick a free port."""
+    startup_timeout_s: float = Field(default=300.0, gt=0)
+    """Seconds to wait for /health after launch before giving up (naming the log)."""
+    request_timeout_s: float = Field(default=300.0, gt=0)
+    """Seconds one /generate request may take."""
+    weight_update_timeout_s: float = Field(default=300.0, gt=0)
+    """Seconds one weight update may take."""
+    dtype: Literal["bfloat16", "float16", "float32", "auto"] = "bfloat16"
+    """Dtype SGLang loads the weights in (--dtype)."""
     random_seed: int = 0
-    extra_args: list[str] = field(default_factory=list)
+    """SGLang's --random-seed."""
+    extra_args: list[str] = Field(default_factory=list)
+    """Extra command-line arguments for sglang.launch_server, verbatim."""
 
 
 class ManagedProcess:

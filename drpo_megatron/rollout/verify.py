@@ -27,8 +27,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from drpo_megatron.rollout.engine import Sample, parse_sample
+from drpo_megatron.dist import is_driver, raise_everywhere, share
+from drpo_megatron.rollout.engine import parse_sample
 from drpo_megatron.rollout.server import SGLangServer, ServerError
+from drpo_megatron.samples import Sample
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +144,6 @@ def verify_sync(servers: Sequence[SGLangServer], version: int, probe_ids: list[i
     Collective when the trainer has several ranks: the driver rank (the only one holding
     ``servers``) probes, the probe samples go to every rank, every rank runs the reference
     forward (model-parallel), the driver compares, and a failure raises on every rank."""
-    from drpo_megatron.training.ranks import is_driver, raise_everywhere, share
-
     probes: list[list[Sample]] | BaseException | None = None
     if is_driver():
         try:
@@ -165,51 +165,3 @@ def verify_sync(servers: Sequence[SGLangServer], version: int, probe_ids: list[i
             error = e
     raise_everywhere(error)
     return share(metrics)
-
-
-def actor_reference(actor, pad_id: int) -> Callable[[Sample], torch.Tensor]:
-    """The trainer's log-probs of a probe sample at temperature 1 (the greedy probe's scale)."""
-
-    def ref(sample: Sample) -> torch.Tensor:
-        saved = actor.cfg.temperature
-        actor.cfg.temperature = 1.0
-        try:
-            return actor.compute_logprobs([sample], pad_id)[0]
-        finally:
-            actor.cfg.temperature = saved
-
-    return ref
-
-
-class VerifiedTransport:
-    """Wraps a transport: with ``every_push`` each ``push`` is followed by :func:`verify_sync`;
-    :meth:`verify` checks on demand (the trainer does after a resume).  Collective over the
-    training ranks; ``servers`` is empty on all but the driver rank."""
-
-    def __init__(self, inner, servers: Sequence[SGLangServer], probe_ids: list[int],
-                 reference_logprobs: Callable[[Sample], torch.Tensor], atol: float,
-                 every_push: bool = True):
-        self.inner = inner
-        self.servers = servers
-        self.probe_ids = list(probe_ids)
-        self.reference_logprobs = reference_logprobs
-        self.atol = atol
-        self.every_push = every_push
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def push(self, version: int) -> dict[str, float]:
-        out = dict(self.inner.push(version))
-        if self.every_push:
-            out.update(self.verify(version))
-        return out
-
-    def verify(self, version: int) -> dict[str, float]:
-        import time
-
-        t0 = time.time()
-        out = verify_sync(self.servers, version, self.probe_ids, self.reference_logprobs,
-                          atol=self.atol)
-        out["perf/weight_sync_verify_time_s"] = time.time() - t0
-        return out

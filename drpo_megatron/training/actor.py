@@ -25,47 +25,23 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from drpo_megatron.algorithms import POLICY_LOSSES, aggregate_loss, make_loss_config, reduce_metrics
+from drpo_megatron.algorithms import POLICY_LOSSES, aggregate_loss, reduce_metrics
 from drpo_megatron.algorithms.losses import LOSS_EXTRAS
-from drpo_megatron.rollout.engine import Sample
+from drpo_megatron.dist import share
+from drpo_megatron.models import megatron_model as mm
+from drpo_megatron.samples import Sample
+from drpo_megatron.training import checkpoint as ckpt
 from drpo_megatron.training.batch import MicroBatch, causal_attention_mask, pack_samples
+from drpo_megatron.training.config import ActorConfig
 
 log = logging.getLogger(__name__)
 
-
-
-@dataclass
-class ActorConfig:
-    hf_path: str
-    dtype: str = "fp32"
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    etp: int | None = None  # expert tensor parallel (None: Megatron's default, tp)
-    sequence_parallel: bool | None = None  # None: on when tp > 1 (required for MoE + TP)
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    loss_name: str = "drpo"
-    loss_params: dict = field(default_factory=dict)
-    aggregation: str = "seq-mean-token-sum-norm"
-    horizon: int = 8192
-    temperature: float = 1.0
-    micro_batch_size: int = 64
-    seed: int = 1234
-    use_distributed_optimizer: bool = False
-    logprob_chunk_size: int = 1024
-    logprob_impl: str = "chunked"  # "chunked" (hidden states -> chunked log-probs) | "logits"
-    model_overrides: dict = field(default_factory=dict)  # Megatron provider fields, set last
-    fp8: str = ""  # "" | "blockwise" | "tensorwise" | "delayed" | "<e4m3|hybrid>-<recipe>" (GPU + TE)
 
 
 def _tp_group():
@@ -87,27 +63,33 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
 
 
 class MegatronActor:
-    def __init__(self, cfg: ActorConfig):
-        from drpo_megatron.models import megatron_model as mm
+    """The policy being trained, built from :class:`ActorConfig` (the run config's ``model``,
+    ``parallel``, ``optim`` and ``loss`` sections); ``pad_id`` pads micro-batches (it never
+    enters the loss: padding is masked)."""
 
+    def __init__(self, cfg: ActorConfig, pad_id: int = 0):
         self.cfg = cfg
-        self.loss_fn = POLICY_LOSSES[cfg.loss_name]
-        self.loss_cfg = make_loss_config(cfg.loss_name, cfg.loss_params)
+        self.pad_id = pad_id
+        self.loss_fn = POLICY_LOSSES[cfg.loss.name]
+        self.loss_cfg = cfg.loss.policy
+        par, optim = cfg.parallel, cfg.optim
         t0 = time.time()
+        overrides = ({} if cfg.model.moe_aux_loss_coeff is None else
+                     {"moe_aux_loss_coeff": cfg.model.moe_aux_loss_coeff})
         self.bridge, self.provider, self.model = mm.load_policy_from_hf(
-            cfg.hf_path, dtype=cfg.dtype, tp=cfg.tp, pp=cfg.pp, ep=cfg.ep, etp=cfg.etp,
-            seq_parallel=cfg.sequence_parallel, wrap_ddp=True,
-            use_distributed_optimizer=cfg.use_distributed_optimizer, seed=cfg.seed,
-            overrides=cfg.model_overrides or None, fp8=_precision(cfg))
+            cfg.hf_path, dtype=cfg.model.dtype, tp=par.tp, pp=par.pp, ep=par.ep, etp=par.etp,
+            seq_parallel=par.sequence_parallel, wrap_ddp=True,
+            use_distributed_optimizer=par.use_distributed_optimizer, seed=cfg.seed,
+            overrides=overrides or None, fp8=_precision(cfg))
         self.optimizer = mm.build_optimizer(
-            self.model, lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-            adam_betas=cfg.adam_betas, use_distributed_optimizer=cfg.use_distributed_optimizer)
-        self._mm = mm
+            self.model, lr=optim.lr, weight_decay=optim.weight_decay, grad_clip=optim.grad_clip,
+            adam_betas=(optim.adam_beta1, optim.adam_beta2),
+            use_distributed_optimizer=par.use_distributed_optimizer)
         self._entropy: dict[int, torch.Tensor] = {}
         # DPPO top-K: the loss needs µ's top-K log-probs and π's at the same ids (LOSS_EXTRAS)
-        self._needs_topk = "topk_logp" in LOSS_EXTRAS.get(cfg.loss_name, ())
+        self._needs_topk = "topk_logp" in LOSS_EXTRAS.get(cfg.loss.name, ())
         self._topk: dict[int, torch.Tensor] = {}
-        log.info("actor ready: %s, %.2fM params, %.1fs", cfg.loss_name,
+        log.info("actor ready: %s, %.2fM params, %.1fs", cfg.loss.name,
                  sum(p.numel() for m in self.model for p in m.parameters()) / 1e6, time.time() - t0)
 
     # ------------------------------------------------------------------ helpers
@@ -117,20 +99,21 @@ class MegatronActor:
 
         return get_model_config(self.model[0])
 
-    def _forward_logp(self, model, mb: MicroBatch) -> torch.Tensor:
-        """[B, S] fp32 log-probs of the targets, 0 outside ``mb.loss_mask`` (last PP stage;
-        other stages return their hidden states for the next one)."""
+    def _forward_logp(self, model, mb: MicroBatch, temperature: float) -> torch.Tensor:
+        """[B, S] fp32 log-probs of the targets at ``temperature``, 0 outside ``mb.loss_mask``
+        (last PP stage; other stages return their hidden states for the next one)."""
         mask = causal_attention_mask(mb.tokens.shape[1])
         if self.cfg.logprob_impl == "logits":
             logits = model(mb.tokens, mb.position_ids, mask)  # [B, S, V/tp]
-            return token_logprobs(logits, mb.targets, self.cfg.temperature)
+            return token_logprobs(logits, mb.targets, temperature)
 
         def processor(*, hidden_states, output_layer, output_weight, **_):
-            return self._response_logp(hidden_states, output_layer, output_weight, mb)
+            return self._response_logp(hidden_states, output_layer, output_weight, mb, temperature)
 
         return model(mb.tokens, mb.position_ids, mask, output_processor=processor)
 
-    def _response_logp(self, hidden, output_layer, output_weight, mb: MicroBatch) -> torch.Tensor:
+    def _response_logp(self, hidden, output_layer, output_weight, mb: MicroBatch,
+                       temperature: float) -> torch.Tensor:
         from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel.mappings import (
             copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region)
@@ -149,7 +132,7 @@ class MegatronActor:
         h = hidden.transpose(0, 1)[sel]                                # [N, H], (b, s) order
         extra = {} if mb.topk_ids is None else {"extra_ids": mb.topk_ids[sel]}
         logp, entropy, *topk = vocab_parallel_logprobs(
-            h, weight, mb.targets[sel], temperature=self.cfg.temperature,
+            h, weight, mb.targets[sel], temperature=temperature,
             chunk_size=self.cfg.logprob_chunk_size, group=tp_group, reduce_hidden_grad=False,
             **extra)
         self._entropy[id(mb)] = entropy
@@ -158,12 +141,14 @@ class MegatronActor:
         out = torch.zeros(sel.shape, dtype=torch.float32, device=logp.device)
         return out.masked_scatter(sel, logp)
 
-    def _micro_batches(self, samples: Sequence[Sample], pad_id: int, first_seq_id: int = 0):
+    def _micro_batches(self, samples: Sequence[Sample], first_seq_id: int = 0):
         width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
         mbs = []
-        for i in range(0, len(samples), self.cfg.micro_batch_size):
-            chunk = samples[i: i + self.cfg.micro_batch_size]
-            mbs.append(pack_samples(chunk, pad_id=pad_id, seq_len=width, first_seq_id=first_seq_id + i))
+        mbsz = self.cfg.parallel.micro_batch_size
+        for i in range(0, len(samples), mbsz):
+            chunk = samples[i: i + mbsz]
+            mbs.append(pack_samples(chunk, pad_id=self.pad_id, seq_len=width,
+                                    first_seq_id=first_seq_id + i))
         return mbs, width
 
     def _run(self, forward_step, mbs: list[MicroBatch], width: int, forward_only: bool):
@@ -176,16 +161,21 @@ class MegatronActor:
 
     # ------------------------------------------------------------------ log-probs (no grad)
     @torch.no_grad()
-    def compute_logprobs(self, samples: Sequence[Sample], pad_id: int) -> list[torch.Tensor]:
-        """Current-policy log-probs of each sample's response tokens: list of [len(response)]."""
+    def compute_logprobs(self, samples: Sequence[Sample], *,
+                         temperature: float | None = None) -> list[torch.Tensor]:
+        """Current-policy log-probs of each sample's response tokens: list of [len(response)]
+        fp32, from logits / ``temperature`` (default: the rollout temperature of the config;
+        the post-sync check asks for 1.0).  Collective under model parallelism; under PP every
+        stage returns the last stage's values."""
+        temperature = self.cfg.temperature if temperature is None else temperature
         for m in self.model:
             m.eval()
-        mbs, width = self._micro_batches(samples, pad_id)
+        mbs, width = self._micro_batches(samples)
         results: list[torch.Tensor] = []
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            logp = self._forward_logp(model, mb)
+            logp = self._forward_logp(model, mb, temperature)
 
             def collect(output):
                 rows = [output[b][mb.loss_mask[b]].detach().clone() for b in range(output.shape[0])]
@@ -201,7 +191,31 @@ class MegatronActor:
         return _from_last_stage(results)
 
     # ------------------------------------------------------------------ one optimizer step
-    def train_step(self, samples: Sequence[Sample], pad_id: int, *,
+    def train_on(self, samples: Sequence[Sample], *,
+                 anchor_logp: Sequence[torch.Tensor] | None = None) -> dict[str, float]:
+        """One rollout step's updates: ``optim.updates_per_rollout`` optimizer steps, each on a
+        contiguous mini-batch of whole prompt groups (``samples`` is group-major and
+        ``prompts_per_step`` is divisible by the update count).
+
+        ``anchor_logp``: π_old per sample (the caller computed it before any update of this step)
+        when the loss config says ``anchor: old_policy``; None = anchor on the rollout's µ.  The
+        choice is the caller's, from the typed loss config: never switched here.  Returns the
+        mean over updates of each metric, plus ``loss/policy_loss_first_update``."""
+        k = self.cfg.optim.updates_per_rollout
+        per = len(samples) // k
+        reports = []
+        for u in range(k):
+            sl = slice(u * per, (u + 1) * per)
+            reports.append(self.train_step(
+                samples[sl], anchor_logp=None if anchor_logp is None else anchor_logp[sl]))
+        out: dict[str, float] = {}
+        for key in reports[0]:
+            vals = [r[key] for r in reports if key in r]
+            out[key] = sum(vals) / len(vals)
+        out["loss/policy_loss_first_update"] = reports[0].get("loss/policy_loss", float("nan"))
+        return out
+
+    def train_step(self, samples: Sequence[Sample], *,
                    anchor_logp: Sequence[torch.Tensor] | None = None) -> dict[str, float]:
         """One optimizer step on ``samples`` (a mini-batch of whole prompt groups).
 
@@ -215,16 +229,16 @@ class MegatronActor:
         ``sampled_in_topk``.
         """
         if self._needs_topk and anchor_logp is not None:
-            raise ValueError(f"loss {self.cfg.loss_name!r} with the old_policy anchor: the top-K "
+            raise ValueError(f"loss {self.cfg.loss.name!r} with the old_policy anchor: the top-K "
                              "buckets come from the rollout engine (µ); π_old's top-K is not "
                              "computed. Use the rollout anchor for top-K losses")
         if self._needs_topk and self.cfg.logprob_impl != "chunked":
-            raise ValueError(f"loss {self.cfg.loss_name!r} needs logprob_impl='chunked' (the "
+            raise ValueError(f"loss {self.cfg.loss.name!r} needs logprob_impl='chunked' (the "
                              "top-K policy log-probs are computed in the chunked pass)")
         if anchor_logp is not None:
             samples = [Sample(**{**s.__dict__, "rollout_logp": a.tolist()})
                        for s, a in zip(samples, anchor_logp)]
-        dp = self._mm.data_parallel_world_size()
+        dp = mm.data_parallel_world_size()
         dp_rank = _dp_rank() if dp > 1 else 0
         if len(samples) % dp:
             raise ValueError(f"{len(samples)} samples do not split evenly over {dp} data-parallel "
@@ -234,9 +248,10 @@ class MegatronActor:
         width = _all_reduce_max(max(len(s.prompt_ids) + len(s.response_ids) for s in samples), dp)
         first = dp_rank * per_rank
         local = samples[first: first + per_rank]
-        mbs = [pack_samples(local[i: i + self.cfg.micro_batch_size], pad_id=pad_id, seq_len=width,
+        mbsz = self.cfg.parallel.micro_batch_size
+        mbs = [pack_samples(local[i: i + mbsz], pad_id=self.pad_id, seq_len=width,
                             first_seq_id=first + i, with_topk=self._needs_topk)
-               for i in range(0, len(local), self.cfg.micro_batch_size)]
+               for i in range(0, len(local), mbsz)]
         num_mb = len(mbs)
         # global denominators: all micro-batches of all data-parallel ranks of this step
         global_tokens, global_seqs = _all_reduce_sum(
@@ -255,9 +270,9 @@ class MegatronActor:
                 logp, mb.rollout_logp[m], mb.advantages[m], in_loss,
                 self.loss_cfg, seq_ids=mb.seq_ids[m], **extra)
             loss = aggregate_loss(per_token, in_loss,
-                                  self.cfg.aggregation, seq_ids=mb.seq_ids[m],
+                                  self.cfg.loss.aggregation, seq_ids=mb.seq_ids[m],
                                   global_num_tokens=global_tokens, global_num_seqs=global_seqs,
-                                  horizon=self.cfg.horizon)
+                                  horizon=self.cfg.loss.horizon)
             report = {k: float(v) for k, v in metrics.items()}
             ent = self._entropy.pop(id(mb), None)
             if ent is not None and ent.numel():
@@ -267,7 +282,7 @@ class MegatronActor:
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            return self._forward_logp(model, mb), partial(loss_func, mb)
+            return self._forward_logp(model, mb, self.cfg.temperature), partial(loss_func, mb)
 
         for m in self.model:
             m.zero_grad_buffer()
@@ -290,7 +305,7 @@ class MegatronActor:
         parallelism: every rank must iterate it to the end (rank 0 sends)."""
         from drpo_megatron.weights.hf_export import precision_transform
 
-        named = self._mm.export_hf_state_dict(self.bridge, self.model)
+        named = mm.export_hf_state_dict(self.bridge, self.model)
         transform = precision_transform(precision)
         return transform(named) if transform is not None else named
 
@@ -298,21 +313,21 @@ class MegatronActor:
         """Write the current weights as an HF checkpoint (safetensors + config + tokenizer),
         transformed for the rollout ``precision`` (see ``weights.hf_export``).  Collective under
         model parallelism: every rank iterates the gathered tensors, rank 0 writes."""
-        return self._mm.save_hf_checkpoint(self.bridge, self.model, out_dir,
+        return mm.save_hf_checkpoint(self.bridge, self.model, out_dir,
                                            copy_from=self.cfg.hf_path, precision=precision)
 
     def save_checkpoint(self, out_dir: str | Path, step: int,
                         extra_state: dict[str, Any] | None = None) -> Path:
         """Model + optimizer + RNG states (+ ``extra_state``: the trainer's data cursor ...),
         written atomically with dist_checkpointing (collective)."""
-        return self._mm.save_megatron_checkpoint(self.model, self.optimizer, out_dir, step=step,
-                                                 extra_state=extra_state)
+        return ckpt.save_megatron_checkpoint(self.model, self.optimizer, out_dir, step=step,
+                                             extra_state=extra_state)
 
     def load_checkpoint(self, ckpt_dir: str | Path) -> tuple[int, dict[str, Any]]:
         """Load a :meth:`save_checkpoint` directory (any parallel layout) into the model and
         optimizer and restore this rank's RNG states; returns ``(step, extra_state)``."""
-        step = self._mm.load_megatron_checkpoint(self.model, self.optimizer, ckpt_dir)
-        return step, self._mm.load_trainer_state(ckpt_dir)
+        step = ckpt.load_megatron_checkpoint(self.model, self.optimizer, ckpt_dir)
+        return step, ckpt.load_trainer_state(ckpt_dir)
 
 
 def _from_last_stage(results: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -323,18 +338,16 @@ def _from_last_stage(results: list[torch.Tensor]) -> list[torch.Tensor]:
 
     if ps.get_pipeline_model_parallel_world_size() == 1:
         return results
-    from drpo_megatron.training.ranks import share
-
     return share(results, src=ps.get_pipeline_model_parallel_last_rank(),
                  group=ps.get_pipeline_model_parallel_group())
 
 
 def _precision(cfg: ActorConfig):
-    if not cfg.fp8:
+    if not cfg.model.fp8:
         return None
     from drpo_megatron.models.fp8_config import PrecisionConfig
 
-    return PrecisionConfig.from_setting(cfg.dtype, cfg.fp8)
+    return PrecisionConfig.from_setting(cfg.model.dtype, cfg.model.fp8)
 
 
 def _dp_rank() -> int:

@@ -126,3 +126,25 @@ def throughput_metrics(model: FlopsModel, *, tokens: int, seq_len: int, seconds:
     return {"perf/tokens_per_s_per_gpu": per_dev,
             "perf/model_tflops_per_gpu": achieved / 1e12,
             "perf/mfu": achieved / peak_flops if peak_flops == peak_flops else float("nan")}
+
+
+class ThroughputMeter:
+    """``perf/`` metrics of one step's train phase: tokens/s per device and MFU
+    (:func:`throughput_metrics`).  Every sample is trained once (mini-batches are disjoint) after
+    one forward for the mismatch log-probs: 1 + 1/3 fwd+bwd passes per token."""
+
+    PASSES_PER_STEP = 4 / 3  # one train pass + the forward-only mismatch pass (1/3)
+
+    def __init__(self, model: FlopsModel, peak_flops: float, num_devices: int):
+        self.model = model
+        self.peak_flops = peak_flops
+        self.num_devices = num_devices
+
+    def measure(self, lengths: list[int], seconds: float) -> dict[str, float]:
+        """``lengths``: prompt + response tokens of each sample trained in ``seconds``."""
+        out = throughput_metrics(self.model, tokens=sum(lengths),
+                                 seq_len=round(sum(lengths) / len(lengths)), seconds=seconds,
+                                 num_devices=self.num_devices, peak_flops=self.peak_flops,
+                                 passes=self.PASSES_PER_STEP)
+        out["perf/train_tokens"] = float(sum(lengths))
+        return out

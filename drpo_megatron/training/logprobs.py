@@ -34,7 +34,7 @@ the vocab is never gathered and no extra [chunk, V/tp] buffer is needed.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.distributed as dist

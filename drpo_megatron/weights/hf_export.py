@@ -17,13 +17,15 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, get_args, Iterable, Iterator, Literal
 
 import torch
 
 from drpo_megatron.weights import fp8
 
-ROLLOUT_PRECISIONS = ("bf16", "fp8_emulated", "fp8")
+#: rollout.precision: the weights the rollout servers run (see :func:`precision_transform`)
+RolloutPrecision = Literal["bf16", "fp8_emulated", "fp8"]
+ROLLOUT_PRECISIONS = get_args(RolloutPrecision)
 SHARD_BYTES = 2 * 1024 ** 3  # safetensors shard size (HF's common 2 GB)
 # Non-weight files copied from the source checkpoint (tokenizer, chat template, ...).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".safetensors.index.json", ".tmp")

@@ -31,10 +31,11 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, get_args, Iterable, Iterator, Literal, Protocol, Sequence
 
 import torch
 
+from drpo_megatron.dist import barrier, is_driver
 from drpo_megatron.rollout.server import SGLangServer, ServerError, free_port
 
 log = logging.getLogger(__name__)
@@ -44,19 +45,6 @@ DEFAULT_BUCKET_MB = 512.0
 
 class WeightTransport(Protocol):
     def push(self, version: int) -> dict[str, float]: ...
-
-
-def _rank0() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _check_versions(servers: Sequence[SGLangServer], version: int) -> None:
@@ -164,14 +152,14 @@ class DiskTransport:
         target = self.work_dir / f"v{version:06d}"
         self.actor.export_hf(target, precision=self.precision)
         t_export = time.time() - t0
-        if _rank0():
+        if is_driver():
             for s in self.servers:
                 s.update_weights_from_disk(target, weight_version=str(version))
             _check_versions(self.servers, version)
             if self._previous is not None and self._previous != target:
                 shutil.rmtree(self._previous, ignore_errors=True)
             self._previous = target
-        _barrier()
+        barrier()
         return {"perf/weight_sync_time_s": time.time() - t0, "perf/weight_export_time_s": t_export}
 
 
@@ -198,7 +186,7 @@ class TensorTransport(_BaseTransport):
         if mp.get_sharing_strategy() != "file_system":
             mp.set_sharing_strategy("file_system")
         t0 = time.time()
-        rank0 = _rank0()
+        rank0 = is_driver()
         nbytes = 0
         nbuckets = 0
         if rank0:
@@ -217,7 +205,7 @@ class TensorTransport(_BaseTransport):
             del wire, payload  # frees the shared-memory segments of this bucket
         if rank0:
             self._finish(version)
-        _barrier()
+        barrier()
         dt = time.time() - t0
         return {"perf/weight_sync_time_s": dt, "perf/weight_sync_bytes": float(nbytes),
                 "perf/weight_sync_buckets": float(nbuckets)}
@@ -336,7 +324,7 @@ class DistributedTransport(_BaseTransport):
         import torch.distributed as dist
 
         t0 = time.time()
-        rank0 = _rank0()
+        rank0 = is_driver()
         if rank0 and (self.group is None or self._group_servers != self._members()):
             self.connect()  # first push, or a server was restarted / replaced
         t_connect = time.time() - t0
@@ -364,15 +352,18 @@ class DistributedTransport(_BaseTransport):
             nbuckets += 1
         if rank0:
             self._finish(version)
-        _barrier()
+        barrier()
         dt = time.time() - t0
         return {"perf/weight_sync_time_s": dt, "perf/weight_sync_bytes": float(nbytes),
                 "perf/weight_sync_buckets": float(nbuckets),
                 "perf/weight_sync_connect_time_s": t_connect}
 
 
+#: rollout.weight_transport: how weights reach the rollout servers
+WeightTransportName = Literal["disk", "tensor", "distributed"]
 WEIGHT_TRANSPORTS = {"disk": DiskTransport, "tensor": TensorTransport,
                      "distributed": DistributedTransport}
+assert set(WEIGHT_TRANSPORTS) == set(get_args(WeightTransportName))
 
 
 def build_transport(name: str, actor, servers, work_dir, precision: str = "bf16",

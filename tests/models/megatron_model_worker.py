@@ -21,6 +21,7 @@ def main(hf_dir: str, out: str) -> None:
     from safetensors.torch import load_file
 
     from drpo_megatron.models import megatron_model as mm
+    from drpo_megatron.training import checkpoint as ckpt
 
     work = os.path.dirname(os.path.abspath(out))
     res: dict = {}
@@ -111,7 +112,7 @@ def main(hf_dir: str, out: str) -> None:
 
     # Megatron checkpoint round trip (model + optimizer), resumed loss equals uninterrupted
     ck = os.path.join(work, "mcore_ckpt")
-    mm.save_megatron_checkpoint(model, opt, ck, step=4)
+    ckpt.save_megatron_checkpoint(model, opt, ck, step=4)
 
     def step_losses(mdl, o, n):
         out = []
@@ -130,7 +131,7 @@ def main(hf_dir: str, out: str) -> None:
     _, _, model2 = mm.load_policy_from_hf(hf_dir, dtype="fp32", wrap_ddp=True)
     opt2 = mm.build_optimizer(model2, lr=1e-2, weight_decay=0.0, grad_clip=1.0,
                               adam_betas=(0.9, 0.99))
-    res["loaded_step"] = mm.load_megatron_checkpoint(model2, opt2, ck)
+    res["loaded_step"] = ckpt.load_megatron_checkpoint(model2, opt2, ck)
     res["resumed"] = step_losses(model2, opt2, 2)
 
     # bf16 + distributed optimizer

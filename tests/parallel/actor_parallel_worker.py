@@ -118,7 +118,7 @@ def resume(hf_dir: str, out: str) -> None:
     rng_after_save = torch.rand(3).tolist()
     cont = [actor.train_step(samples, pad_id=0) for _ in range(2)]
     actor2 = MegatronActor(cfg)
-    step, extra = actor2.load_checkpoint(mm.find_checkpoint(ck))
+    step, extra = actor2.load_checkpoint(ckpt.find_checkpoint(ck))
     rng_after_load = torch.rand(3).tolist()
     res = [actor2.train_step(samples, pad_id=0) for _ in range(2)]
     with open(out, "w") as fh:

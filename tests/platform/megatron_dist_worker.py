@@ -262,6 +262,7 @@ def layouts(hf_dir: str, out: str, names: str) -> None:
 
 def ckpt(hf_dir: str, out: str, ckpt_dir: str) -> None:
     from drpo_megatron.models import megatron_model as mm
+    from drpo_megatron.training import checkpoint as mckpt
     from drpo_megatron.platform import apply_cpu_compat
 
     apply_cpu_compat()
@@ -273,7 +274,7 @@ def ckpt(hf_dir: str, out: str, ckpt_dir: str) -> None:
                                          overrides={"moe_aux_loss_coeff": 0.0})
     opt = mm.build_optimizer(model, lr=1e-2, grad_clip=1.0, use_distributed_optimizer=True)
     res["tp2_step1"], _ = _train_steps(model, opt, 1)
-    mm.save_megatron_checkpoint(model, opt, ckpt_dir, step=1)
+    mckpt.save_megatron_checkpoint(model, opt, ckpt_dir, step=1)
     res["tp2_after"], _ = _train_steps(model, opt, 2)
 
     # Reload as TP1 x DP2 (the distributed optimizer is then sharded over DP=2).  Between EP=1
@@ -284,7 +285,7 @@ def ckpt(hf_dir: str, out: str, ckpt_dir: str) -> None:
     _, _, model = mm.load_policy_from_hf(hf_dir, tp=1, wrap_ddp=True, use_distributed_optimizer=True,
                                          overrides={"moe_aux_loss_coeff": 0.0})
     opt = mm.build_optimizer(model, lr=1e-2, grad_clip=1.0, use_distributed_optimizer=True)
-    res["loaded_step"] = mm.load_megatron_checkpoint(model, opt, ckpt_dir)
+    res["loaded_step"] = mckpt.load_megatron_checkpoint(model, opt, ckpt_dir)
     res["dp2_after"], _ = _train_steps(model, opt, 2)
     _write(f"{out}.rank{dist.get_rank()}.json", res)
     mm.destroy_distributed()

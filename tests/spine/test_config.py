@@ -36,7 +36,7 @@ def test_defaults_and_embedded_yaml_load():
     ({"loss": {"advantage": "ppo"}}, r"loss.advantage='ppo'"),
     ({"rollout": {"weight_transport": "ftp"}}, r"rollout.weight_transport='ftp'"),
     ({"rollout": {"precision": "int4"}}, r"rollout.precision='int4'"),
-    ({"logging": {"writers": ["jsonl", "csv"]}}, r"logging.writers: 'csv'"),
+    ({"logging": {"writers": ["jsonl", "csv"]}}, r"logging.writers\[1\]='csv': choose one of"),
     ({"task": {"num_train": 500}}, r"task.num_train \+ task.num_eval = 540 exceeds the 200"),
 ])
 def test_bad_values(overrides, match):

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from drpo_megatron.config import ConfigError, RunConfig, load_config
-from drpo_megatron.run import sampling_seed
+from drpo_megatron.rollout.engine import sampling_seed
+from drpo_megatron.data.prompts import PromptStream
 from drpo_megatron.trainer import resume
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,38 +66,36 @@ class _Transport:
         return {}
 
 
-def _components(run_dir):
-    return SimpleNamespace(run_dir=run_dir, actor=_Actor(), transport=_Transport(), cursor=0,
-                           order=[])
-
-
-def _cfg(mode):
+def _run(run_dir, mode="auto"):
     cfg = RunConfig()
     cfg.train.resume = mode
-    return cfg
+    return SimpleNamespace(cfg=cfg, run_dir=run_dir, actor=_Actor(), sync=_Transport(),
+                           prompts=PromptStream([object()], tokenizer=None, seed=0))
 
 
 def test_resume_modes(tmp_path):
-    c = _components(tmp_path)
-    assert resume(c, _cfg("auto")) == 1 and c.actor.loaded is None  # nothing to resume
+    r = _run(tmp_path)
+    assert resume(r) == 1 and r.actor.loaded is None  # nothing to resume
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        resume(c, _cfg("must"))
+        resume(_run(tmp_path, "must"))
     (tmp_path / "checkpoint").mkdir()
     (tmp_path / "checkpoint" / "metadata.json").write_text("{}")
-    assert resume(c, _cfg("never")) == 1 and c.actor.loaded is None
-    assert resume(c, _cfg("auto")) == 4
-    assert c.cursor == 12 and c.order == [2, 0, 1]
-    assert c.transport.pushed == [3]  # the loaded weights reach the server before step 4
-    assert c.transport.verified == [3]  # ... and are checked there (rollout.verify_sync off)
+    r = _run(tmp_path, "never")
+    assert resume(r) == 1 and r.actor.loaded is None
+    r = _run(tmp_path)
+    assert resume(r) == 4
+    assert r.prompts.cursor == 12 and r.prompts.order == [2, 0, 1]
+    assert r.sync.pushed == [3]  # the loaded weights reach the server before step 4
+    assert r.sync.verified == [3]  # ... and are checked there (rollout.verify_sync off)
 
 
 def test_resume_uses_old_copy_of_interrupted_save(tmp_path):
     (tmp_path / "checkpoint.old").mkdir()
     (tmp_path / "checkpoint.old" / "metadata.json").write_text("{}")
     (tmp_path / "checkpoint.tmp").mkdir()  # incomplete: ignored
-    c = _components(tmp_path)
-    assert resume(c, _cfg("auto")) == 4
-    assert Path(c.actor.loaded).name == "checkpoint.old"
+    r = _run(tmp_path)
+    assert resume(r) == 4
+    assert Path(r.actor.loaded).name == "checkpoint.old"
 
 
 @pytest.mark.slow

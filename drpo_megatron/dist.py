@@ -6,7 +6,9 @@ Every training rank builds its shard of the Megatron model and takes part in eve
 it produced is then shared with the other ranks by :func:`share` (a pickled broadcast over the
 default process group: samples are small host-side lists, not tensors on a device).
 
-Single process (no process group): the driver is the only rank and :func:`share` is the identity.
+Single process (no process group): the driver is the only rank, :func:`share` is the identity
+and :func:`barrier` does nothing.  The Megatron model-parallel groups (TP/PP/EP/DP) are
+``megatron.core.parallel_state``'s, set up by ``models.megatron_model.init_distributed``.
 """
 
 from __future__ import annotations
@@ -24,8 +26,18 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def is_driver() -> bool:
     return not dist.is_initialized() or dist.get_rank() == DRIVER_RANK
+
+
+def barrier() -> None:
+    """``dist.barrier()`` when there is a process group."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def share(obj: T, src: int = DRIVER_RANK, group: Any = None) -> T:
