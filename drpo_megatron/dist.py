@@ -13,6 +13,7 @@ and :func:`barrier` does nothing.  The Megatron model-parallel groups (TP/PP/EP/
 
 from __future__ import annotations
 
+import socket
 from typing import Any, TypeVar
 
 import torch.distributed as dist
@@ -20,6 +21,14 @@ import torch.distributed as dist
 DRIVER_RANK = 0  # the rank that drives SGLang, logs and writes run files
 
 T = TypeVar("T")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` now (the OS picks it; a race with another process
+    binding it before us is possible but has not been seen on one host)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def world_size() -> int:

@@ -138,7 +138,7 @@ class PPOClipConfig(BaseLossConfig):
 
     eps_low (0.2), eps_high (0.28, DAPO's clip-higher): ratio clip range [1-eps_low, 1+eps_high].
     dual_clip_c (None = off): for A < 0 the objective is floored at c*A (c > 1), i.e. tokens with
-    r > c get zero gradient. The table in MISSION.md writes "off" as c = 1e4; None is exact.
+    r > c get zero gradient. Some references write "off" as c = 1e4; None is exact.
     """
 
     eps_low: float = _spec(0.2, "eps_low")

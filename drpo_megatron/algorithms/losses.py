@@ -31,7 +31,7 @@ the per-token loss is
 
     d loss_t / d logp_t = -A_t * r_t * w_t   (0 for tokens beyond the +-20 log-ratio clamp),
 
-where w_t is the loss's *gradient weight* (MISSION.md section 2.1); each docstring states it.
+where w_t is the loss's *gradient weight* (table in docs/losses.md); each docstring states it.
 Implementation: each loss computes its objective value J_t and its weight w_t as constants, and
 the returned per-token loss carries the value -J_t and exactly that gradient through a one-multiply
 autograd node (``_common._PolicySurrogate``). This is the paper's definition of each method by its

@@ -42,7 +42,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from drpo_megatron.dist import barrier
+from drpo_megatron.dist import barrier, free_port
 
 log = logging.getLogger(__name__)
 
@@ -416,11 +416,7 @@ def _under_launcher() -> bool:
 
 
 def _spawn(argv: list[str], nproc: int) -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--nnodes", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
            "-m", "drpo_megatron.cli", "convert", *argv]

@@ -39,11 +39,12 @@ import contextlib
 import datetime
 import logging
 import os
-import socket
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+
+from drpo_megatron.dist import free_port
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +73,6 @@ def _ensure_platform() -> None:
 
 
 # ----------------------------------------------------------------------------------- distributed
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_distributed(
@@ -120,7 +115,7 @@ def init_distributed(
                 timeout_s)
             dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
         else:
-            port = _free_port()
+            port = free_port()
             log.info("init_distributed: single process, %s on 127.0.0.1:%d", backend, port)
             if cuda:
                 torch.cuda.set_device(0)

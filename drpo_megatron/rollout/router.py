@@ -33,9 +33,10 @@ from typing import Any, Callable, Literal, Sequence, get_args
 
 import requests
 
+from drpo_megatron.dist import free_port
 from drpo_megatron.rollout.fleet import Fleet
 from drpo_megatron.rollout.server import (HEALTH_POLL_S, LOG_EVERY_S, ManagedProcess,
-                                          ServerConfig, ServerError, SGLangServer, free_port, tail)
+                                          ServerConfig, ServerError, SGLangServer, tail)
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from typing import Any, Literal
 import requests
 from pydantic import Field
 
+from drpo_megatron.dist import free_port
 from drpo_megatron.platform import sglang_cpu
 from drpo_megatron.schema import Section
 
@@ -30,12 +30,6 @@ LOG_TAIL_LINES = 30
 
 class ServerError(RuntimeError):
     """An SGLang server failed, died or timed out; the message names its log file."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 # torch.distributed / torchrun variables of the *trainer* process: an SGLang server that inherits

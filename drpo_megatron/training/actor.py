@@ -37,7 +37,7 @@ from drpo_megatron.dist import share
 from drpo_megatron.models import megatron_model as mm
 from drpo_megatron.samples import Sample
 from drpo_megatron.training import checkpoint as ckpt
-from drpo_megatron.training.batch import MicroBatch, causal_attention_mask, pack_samples
+from drpo_megatron.training.batch import MicroBatch, pack_samples
 from drpo_megatron.training.config import ActorConfig
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class MegatronActor:
     def _forward_logp(self, model, mb: MicroBatch, temperature: float) -> torch.Tensor:
         """[B, S] fp32 log-probs of the targets at ``temperature``, 0 outside ``mb.loss_mask``
         (last PP stage; other stages return their hidden states for the next one)."""
-        mask = causal_attention_mask(mb.tokens.shape[1])
+        mask = mm.causal_attention_mask(mb.tokens.shape[1])
         if self.cfg.logprob_impl == "logits":
             logits = model(mb.tokens, mb.position_ids, mask)  # [B, S, V/tp]
             return token_logprobs(logits, mb.targets, temperature)

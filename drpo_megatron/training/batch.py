@@ -28,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from drpo_megatron.rollout.engine import Sample
+from drpo_megatron.samples import Sample
 
 
 @dataclass
@@ -112,8 +112,3 @@ def pack_samples(samples: Sequence[Sample], *, pad_id: int, seq_len: int | None 
     return MicroBatch(tokens, position_ids, targets, loss_mask, rollout_logp, advantages, seq_ids,
                       train_mask=train_mask, seq_in_loss=seq_in_loss, topk_ids=topk_ids,
                       topk_logp=topk_logp)
-
-
-def causal_attention_mask(seq_len: int) -> torch.Tensor:
-    """[1, 1, S, S] bool, True = masked (Megatron's convention): position i sees j <= i."""
-    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool), diagonal=1)[None, None]

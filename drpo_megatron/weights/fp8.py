@@ -1,8 +1,8 @@
 """FP8 rollout weights: 128x128 blockwise e4m3 quantization with FP32 inverse scales (pure torch).
 
-The FP8 rollout (MISSION 2.1) trains in BF16 and serves the policy in FP8: at every weight sync
-the linear weights are re-quantized into the layout of SGLang's block-FP8 checkpoints (the
-layout of Qwen's published ``*-FP8`` and of DeepSeek-V3 checkpoints); the router, embeddings,
+The FP8 rollout (the DRPO paper, arXiv:2606.09821, FP8 settings) trains in BF16 and serves the
+policy in FP8: at every weight sync the linear weights are re-quantized into the layout of
+SGLang's block-FP8 checkpoints (the layout of Qwen's published ``*-FP8`` and of DeepSeek-V3 checkpoints); the router, embeddings,
 ``lm_head`` and norms stay BF16.
 
 Checkpoint layout (what SGLang's ``fp8`` quantization with ``weight_block_size`` loads)
@@ -28,7 +28,7 @@ Checked against sglang (the version pinned in requirements/), without importing 
   ``experts.{e}.{gate,up,down}_proj.weight_scale_inv`` onto them, so experts use the same
   per-tensor layout.  ``Fp8LinearMethod.validate_block_quant_shapes``: under tensor
   parallelism every weight shard must be a multiple of 128 along the split dimension (true for
-  all the models of MISSION 2.1).
+  all the models of the paper's FP8 settings).
 - ``fp8_utils.py``, ``block_quant_dequant``: dequantization is ``fp8.to(float32) *
   scale_inv`` repeated over 128x128 tiles and cropped to the weight's shape -- the inverse
   scale multiplies, i.e. ``scale_inv = amax / 448``.

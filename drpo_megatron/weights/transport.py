@@ -35,8 +35,8 @@ from typing import Any, Callable, get_args, Iterable, Iterator, Literal, Protoco
 
 import torch
 
-from drpo_megatron.dist import barrier, is_driver
-from drpo_megatron.rollout.server import SGLangServer, ServerError, free_port
+from drpo_megatron.dist import barrier, free_port, is_driver
+from drpo_megatron.rollout.server import SGLangServer, ServerError
 
 log = logging.getLogger(__name__)
 

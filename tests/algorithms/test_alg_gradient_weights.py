@@ -1,4 +1,4 @@
-"""For every loss: autograd d loss_t / d logp_t == -A_t r_t w_t, with w_t from MISSION.md 2.1,
+"""For every loss: autograd d loss_t / d logp_t == -A_t r_t w_t, with w_t from the table in docs/losses.md,
 written here independently in float64 numpy."""
 
 import numpy as np

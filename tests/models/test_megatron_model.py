@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from subprocess_util import run_python
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -23,11 +21,7 @@ WORKER = HERE / "megatron_model_worker.py"
 
 
 def _run(args, timeout):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    run_python(args, timeout)
 
 
 @pytest.fixture(scope="module")

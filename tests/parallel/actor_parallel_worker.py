@@ -54,23 +54,25 @@ def main(hf_dir: str, layout: str, out: str) -> None:
     import torch.distributed as dist
 
     from drpo_megatron.models import megatron_model as mm
-    from drpo_megatron.training.actor import ActorConfig, MegatronActor
+    from drpo_megatron.config import LossSection, ModelConfig, OptimConfig, ParallelConfig
+    from drpo_megatron.training.actor import MegatronActor
+    from drpo_megatron.training.config import ActorConfig
 
     lay = LAYOUTS[layout]
     t0 = time.time()
     mm.init_distributed(tp=lay["tp"], pp=lay["pp"], ep=lay["ep"], timeout_s=120)
     actor = MegatronActor(ActorConfig(
-        hf_path=hf_dir, dtype="fp32", lr=1e-3, weight_decay=0.0, grad_clip=1e9,
-        loss_name="drpo", aggregation="seq-mean-token-sum-norm", horizon=16, temperature=0.9,
-        micro_batch_size=MICRO, seed=1234, model_overrides={"moe_aux_loss_coeff": 0.0},
-        **{k: lay[k] for k in ("tp", "pp", "ep", "use_distributed_optimizer")}))
+        hf_path=hf_dir, model=ModelConfig(dtype="fp32", moe_aux_loss_coeff=0.0),
+        optim=OptimConfig(lr=1e-3, weight_decay=0.0, grad_clip=1e9),
+        loss=LossSection(name="drpo", aggregation="seq-mean-token-sum-norm", horizon=16),
+        parallel=ParallelConfig(micro_batch_size=MICRO, **lay), temperature=0.9, seed=1234))
     samples = make_samples()
     res: dict = {"layout": layout, "dp": mm.data_parallel_world_size()}
     if layout == "single":
-        chunked = actor.compute_logprobs(samples, pad_id=0)
+        chunked = actor.compute_logprobs(samples)
         actor.cfg.logprob_impl = "logits"
-        full = actor.compute_logprobs(samples, pad_id=0)
-        ref_step = actor.train_step(samples, pad_id=0)
+        full = actor.compute_logprobs(samples)
+        ref_step = actor.train_step(samples)
         actor.cfg.logprob_impl = "chunked"
         res["logp_chunked_vs_logits"] = max(float((a - b).abs().max()) for a, b in zip(chunked, full))
         res["logp_lengths_ok"] = all(len(a) == len(s.response_ids) for a, s in zip(chunked, samples))
@@ -80,7 +82,7 @@ def main(hf_dir: str, layout: str, out: str) -> None:
         actor = _reload(actor, hf_dir, lay)
     steps = []
     for _ in range(STEPS):
-        m = actor.train_step(samples, pad_id=0)
+        m = actor.train_step(samples)
         steps.append({"loss": m["loss/policy_loss"], "grad_norm": m["loss/grad_norm"],
                       "entropy": m.get("loss/entropy")})
     res["steps"] = steps
@@ -105,22 +107,27 @@ def resume(hf_dir: str, out: str) -> None:
     import torch
 
     from drpo_megatron.models import megatron_model as mm
-    from drpo_megatron.training.actor import ActorConfig, MegatronActor
+    from drpo_megatron.training import checkpoint as ckpt
+    from drpo_megatron.config import LossSection, ModelConfig, OptimConfig, ParallelConfig
+    from drpo_megatron.training.actor import MegatronActor
+    from drpo_megatron.training.config import ActorConfig
 
     mm.init_distributed(timeout_s=120)
-    cfg = ActorConfig(hf_path=hf_dir, dtype="fp32", lr=1e-3, weight_decay=0.01, loss_name="drpo",
-                      horizon=16, micro_batch_size=MICRO, model_overrides={"moe_aux_loss_coeff": 0.0})
+    cfg = ActorConfig(hf_path=hf_dir, model=ModelConfig(dtype="fp32", moe_aux_loss_coeff=0.0),
+                      optim=OptimConfig(lr=1e-3, weight_decay=0.01),
+                      loss=LossSection(name="drpo", horizon=16),
+                      parallel=ParallelConfig(micro_batch_size=MICRO, use_distributed_optimizer=False))
     actor = MegatronActor(cfg)
     samples = make_samples()
-    actor.train_step(samples, pad_id=0)
+    actor.train_step(samples)
     ck = os.path.join(os.path.dirname(os.path.abspath(out)), "ckpt")
     actor.save_checkpoint(ck, step=1, extra_state={"cursor": 5, "order": [3, 1, 2]})
     rng_after_save = torch.rand(3).tolist()
-    cont = [actor.train_step(samples, pad_id=0) for _ in range(2)]
+    cont = [actor.train_step(samples) for _ in range(2)]
     actor2 = MegatronActor(cfg)
     step, extra = actor2.load_checkpoint(ckpt.find_checkpoint(ck))
     rng_after_load = torch.rand(3).tolist()
-    res = [actor2.train_step(samples, pad_id=0) for _ in range(2)]
+    res = [actor2.train_step(samples) for _ in range(2)]
     with open(out, "w") as fh:
         json.dump({"step": step, "extra": extra,
                    "rng_equal": rng_after_save == rng_after_load,

@@ -19,15 +19,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from subprocess_util import run_python, worker_env
 
+from drpo_megatron.dist import free_port
 from drpo_megatron.platform.megatron_cpu import CPU_FIXES
 
 HERE = Path(__file__).resolve().parent
@@ -59,31 +59,17 @@ def _load_scenarios():
 EXPECTED = _load_scenarios().EXPECTED_ERRORS
 
 
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return env
-
-
 def _run(args, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return run_python(args, timeout, check=False)
 
 
 def _check(proc: subprocess.CompletedProcess, what: str) -> None:
     assert proc.returncode == 0, f"{what} failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(args, timeout: float) -> subprocess.CompletedProcess:
     return _run(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
-                 "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *args],
+                 "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args],
                 timeout=timeout)
 
 
@@ -123,7 +109,7 @@ def test_all_scenarios_pass_with_all_fixes(scenario_runs):
 def test_fix_is_still_needed(fix, scenario_runs):
     scenario, error, site = EXPECTED[fix]
     if fix == "torchvision_op_schemas":
-        ok = subprocess.run([sys.executable, "-c", "import torchvision"], env=_env(),
+        ok = subprocess.run([sys.executable, "-c", "import torchvision"], env=worker_env(),
                             capture_output=True, timeout=120).returncode == 0
         if importlib.util.find_spec("torchvision") is None or ok:
             pytest.skip("torchvision absent or importable: the fix does nothing here")

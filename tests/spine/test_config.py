@@ -73,3 +73,80 @@ def test_cli_reports_config_error_before_starting_anything(tmp_path, capsys):
 @pytest.mark.parametrize("path", sorted(__import__("glob").glob("model_configs/*.yaml")))
 def test_shipped_model_configs_validate(path):
     assert load_config(path).train.max_steps > 0
+
+
+# ---------------------------------------------------------------------------- --set, show, YAML
+def test_set_overrides_any_field_with_yaml_values():
+    cfg = load_config("model_configs/tiny_qwen3_moe_cpu.yaml",
+                      sets=["optim.lr=1e-5", "loss.params.delta=0.5", "rollout.server.port=31000",
+                            "parallel.etp=null", "logging.writers=[jsonl]", "name=x y"])
+    assert cfg.optim.lr == 1e-5 and isinstance(cfg.optim.lr, float)
+    assert cfg.loss.params == {"delta": 0.5} and cfg.loss.policy.delta == 0.5
+    assert cfg.rollout.server.port == 31000 and cfg.parallel.etp is None
+    assert cfg.logging.writers == ["jsonl"] and cfg.name == "x y"
+
+
+@pytest.mark.parametrize("item,match", [
+    ("optim.lrr=1", r"unknown config key 'optim.lrr'; did you mean 'lr'\?"),
+    ("optim.lr=fast", r"optim.lr='fast': expected a number; write e.g. lr: 0.0001"),
+    ("optim.lr=.inf", r"optim.lr=inf: must be a finite number"),
+    ("loss.params.delta=\"12.5\"", r"loss: .*delta = '12.5' is invalid: must be a number, not a string"),
+    ("rollout.server.port=70000", r"rollout.server.port=70000 must be <= 65535"),
+    ("optim.grad_clip=-1", r"optim.grad_clip=-1 must be > 0"),
+    ("optim.lr", r"expected KEY=VALUE"),
+    ("optim.lr.x=1", r"optim.lr=\{.x.: 1\}: expected a number"),
+    ("output_dir=", r"output_dir='': empty"),
+])
+def test_set_errors_name_field_value_and_fix(item, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, sets=[item])
+
+
+def test_set_is_validated_like_yaml(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("optim:\n  lr: 2e-5\n")  # YAML 1.2 float (PyYAML alone reads a string)
+    assert load_config(y).optim.lr == 2e-5
+    assert load_config(y, sets=["optim.lr=3e-5"]).optim.lr == 3e-5  # --set wins over the file
+
+
+def test_duplicate_yaml_sections_are_refused(tmp_path):
+    y = tmp_path / "dup.yaml"
+    y.write_text("rollout:\n  temperature: 0.7\noptim:\n  lr: 1.0e-5\nrollout:\n  top_p: 0.9\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'rollout' \(first on line 1, again on line 5\)"):
+        load_config(y)
+
+
+def test_other_loss_without_params_gets_its_own_defaults():
+    cfg = load_config(None, {"loss": {"name": "ppo_clip"}})
+    assert cfg.loss.params == {} and cfg.loss.policy.eps_high == 0.28
+
+
+def test_describe_fields_covers_every_leaf_with_docs():
+    from drpo_megatron.config import describe_fields
+
+    rows = {name: (value, default, doc) for name, value, default, doc in
+            describe_fields(load_config(None, sets=["optim.lr=1e-5"]))}
+    assert rows["optim.lr"][:2] == (1e-5, 1e-4)
+    assert rows["rollout.server.port"][0] == 0
+    undocumented = [n for n, (_, _, doc) in rows.items() if not doc]
+    assert not undocumented, f"fields without a docstring: {undocumented}"
+
+
+def test_cli_config_show_and_set(capsys):
+    from drpo_megatron.cli import main
+
+    assert main(["config", "show", "--set", "optim.lr=1e-5"]) == 0
+    out = capsys.readouterr().out
+    assert "optim.lr = 1e-05   (default: 0.0001)" in out and "Learning rate" in out
+    assert main(["config", "show", "--format", "yaml", "--set", "loss.name=pg_is"]) == 0
+    assert "name: pg_is" in capsys.readouterr().out
+    assert main(["config", "show", "--set", "optim.nope=1"]) == 2
+    assert "unknown config key 'optim.nope'" in capsys.readouterr().err
+
+
+def test_cli_train_set_error_before_anything_starts(tmp_path, capsys):
+    from drpo_megatron.cli import main
+
+    assert main(["train", "--output-dir", str(tmp_path / "run"), "--set", "rollout.temperature=0"]) == 2
+    assert "rollout.temperature=0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

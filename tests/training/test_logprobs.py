@@ -9,14 +9,11 @@ O(1) numbers (~1e-6 relative reordering error) -> 1e-5 absolute at these sizes.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from subprocess_util import run_python, torchrun_args
 
 from drpo_megatron.training.logprobs import naive_logprobs, vocab_parallel_logprobs
 
@@ -102,18 +99,9 @@ def test_empty_and_bad_shapes():
 
 
 def test_tp2_equals_tp1_and_naive(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "tp.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
-         "--master-addr", "127.0.0.1", "--master-port", str(port),
-         str(ROOT / "tests" / "training" / "logprobs_tp_worker.py"), str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_python([*torchrun_args(2), ROOT / "tests" / "training" / "logprobs_tp_worker.py", out],
+               timeout=180)
     res = json.loads(out.read_text())
     # TP=2 vs TP=1: same fp32 logits, max/sum-exp combined over two halves (reordering only)
     for key, tol in [("logp_tp2_vs_tp1", LOGP_ATOL), ("entropy_tp2_vs_tp1", LOGP_ATOL),

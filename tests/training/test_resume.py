@@ -9,18 +9,16 @@ whole loop (real SGLang) is tests/e2e/test_resume_e2e.py.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from subprocess_util import run_python
 
 from drpo_megatron.config import ConfigError, RunConfig, load_config
-from drpo_megatron.rollout.engine import sampling_seed
 from drpo_megatron.data.prompts import PromptStream
+from drpo_megatron.rollout.engine import sampling_seed
 from drpo_megatron.trainer import resume
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,14 +100,10 @@ def test_resume_uses_old_copy_of_interrupted_save(tmp_path):
 def test_actor_checkpoint_resume_is_exact(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("sized for the CPU path")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     for args in ([ROOT / "tests/platform/megatron_dist_worker.py", "make-hf", tmp_path / "hf"],
                  [ROOT / "tests/parallel/actor_parallel_worker.py", "resume", tmp_path / "hf",
                   tmp_path / "out.json"]):
-        proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=400)
-        assert proc.returncode == 0, proc.stderr[-5000:]
+        run_python(args, timeout=400)
     res = json.loads((tmp_path / "out.json").read_text())
     assert res["step"] == 1 and res["extra"] == {"cursor": 5, "order": [3, 1, 2], "step": 1}
     assert res["rng_equal"]

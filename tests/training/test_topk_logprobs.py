@@ -19,16 +19,13 @@ fresh actor's step on the other six samples only.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from subprocess_util import run_python, torchrun_args
 
-from drpo_megatron.rollout.engine import Sample
+from drpo_megatron.samples import Sample
 from drpo_megatron.training.batch import pack_samples
 from drpo_megatron.training.logprobs import naive_logprobs, vocab_parallel_logprobs
 
@@ -125,17 +122,8 @@ def test_pack_samples_topk_layout_and_train_mask():
 
 
 # ------------------------------------------------------------------ real actor (slow)
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return env
-
-
 def _run(args, timeout=300):
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    run_python(args, timeout)
 
 
 @pytest.mark.slow
@@ -144,12 +132,7 @@ def test_actor_topk_single_and_tp2(tmp_path):
     worker = ROOT / "tests" / "training" / "topk_actor_worker.py"
     _run([ROOT / "tests" / "platform" / "megatron_dist_worker.py", "make-hf", tmp_path / "hf"])
     _run([worker, tmp_path / "hf", "single", tmp_path / "single.json"])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    _run(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
-          "--master-addr", "127.0.0.1", "--master-port", str(port), worker, tmp_path / "hf",
-          "tp2", tmp_path / "tp2.json"])
+    _run([*torchrun_args(2), worker, tmp_path / "hf", "tp2", tmp_path / "tp2.json"])
     single = json.loads((tmp_path / "single.json").read_text())
     tp2 = json.loads((tmp_path / "tp2.json").read_text())
     for res in (single, tp2):

@@ -57,14 +57,15 @@ def reference_topk(actor, samples):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from drpo_megatron.training.batch import causal_attention_mask, pack_samples
+    from drpo_megatron.models.megatron_model import causal_attention_mask
+    from drpo_megatron.training.batch import pack_samples
 
     model = actor.model[0]
     model.eval()
     rows = []
     with torch.no_grad():
-        for i in range(0, len(samples), actor.cfg.micro_batch_size):
-            mb = pack_samples(samples[i:i + actor.cfg.micro_batch_size], pad_id=0,
+        for i in range(0, len(samples), actor.cfg.parallel.micro_batch_size):
+            mb = pack_samples(samples[i:i + actor.cfg.parallel.micro_batch_size], pad_id=0,
                               with_topk=True)
             logits = model(mb.tokens, mb.position_ids, causal_attention_mask(mb.tokens.shape[1]))
             tp = ps.get_tensor_model_parallel_world_size()
@@ -83,17 +84,21 @@ def main(hf_dir: str, layout: str, out: str) -> None:
     import torch.distributed as dist
 
     from drpo_megatron.models import megatron_model as mm
-    from drpo_megatron.training.actor import ActorConfig, MegatronActor
+    from drpo_megatron.config import LossSection, ModelConfig, OptimConfig, ParallelConfig
+    from drpo_megatron.training.actor import MegatronActor
+    from drpo_megatron.training.config import ActorConfig
 
     tp = 2 if layout == "tp2" else 1
     mm.init_distributed(tp=tp, timeout_s=120)
 
     def build(loss, params):
         return MegatronActor(ActorConfig(
-            hf_path=hf_dir, dtype="fp32", lr=1e-3, weight_decay=0.0, grad_clip=1e9, tp=tp,
-            loss_name=loss, loss_params=params, aggregation="seq-mean-token-sum-norm",
-            horizon=16, temperature=T, micro_batch_size=4, seed=1234,
-            model_overrides={"moe_aux_loss_coeff": 0.0}))
+            hf_path=hf_dir, model=ModelConfig(dtype="fp32", moe_aux_loss_coeff=0.0),
+            optim=OptimConfig(lr=1e-3, weight_decay=0.0, grad_clip=1e9),
+            loss=LossSection(name=loss, params=params, aggregation="seq-mean-token-sum-norm",
+                             horizon=16),
+            parallel=ParallelConfig(tp=tp, micro_batch_size=4, use_distributed_optimizer=False),
+            temperature=T, seed=1234))
 
     actor = build("dppo_topk_tv", {"delta": 0.02, "top_k": K})
     samples = make_samples()
@@ -106,7 +111,7 @@ def main(hf_dir: str, layout: str, out: str) -> None:
         return loss_fn(*args, **extra)
 
     actor.loss_fn = spy
-    m = actor.train_step(samples, pad_id=0)
+    m = actor.train_step(samples)
     got = torch.cat(got)
     res = {"layout": layout, "topk_shape": list(got.shape), "ref_shape": list(ref.shape),
            "topk_vs_logits": float((got - ref).abs().max()),
@@ -119,10 +124,10 @@ def main(hf_dir: str, layout: str, out: str) -> None:
         for i in (1, 6):
             masked[i].in_loss = False
         a = build("drpo", {"delta": 0.5})
-        mm_ = a.train_step(masked, pad_id=0)
+        mm_ = a.train_step(masked)
         del a
         b = build("drpo", {"delta": 0.5})
-        sub = b.train_step([s for i, s in enumerate(make_samples()) if i not in (1, 6)], pad_id=0)
+        sub = b.train_step([s for i, s in enumerate(make_samples()) if i not in (1, 6)])
         res["masked"] = {"loss": mm_["loss/policy_loss"], "grad_norm": mm_["loss/grad_norm"],
                          "num_tokens": mm_["loss/num_tokens"]}
         res["subset"] = {"loss": sub["loss/policy_loss"], "grad_norm": sub["loss/grad_norm"],
