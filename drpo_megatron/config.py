@@ -24,8 +24,10 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from drpo_megatron.algorithms.config import LossSection
 from drpo_megatron.data.config import TaskConfig
+from drpo_megatron.data.math import DataError, check_template
 from drpo_megatron.mismatch.writers import WriterName
 from drpo_megatron.models.config import ArchConfig, ModelConfig, ParallelConfig
+from drpo_megatron.models.tiny import VOCAB_SIZE
 from drpo_megatron.rollout.router import RouterKind, RouterPolicy
 from drpo_megatron.rollout.sampling import OnExhausted, OverlongMode
 from drpo_megatron.rollout.server import ServerConfig
@@ -304,8 +306,6 @@ def validate(cfg: RunConfig) -> None:
                 f"the {total} distinct problems with task.max_operand={cfg.task.max_operand}; lower "
                 "them or raise max_operand")
     if cfg.task.kind == "math":
-        from drpo_megatron.data.math import DataError, check_template
-
         if not cfg.task.train_file:
             raise ConfigError("task.train_file='': task.kind='math' needs a jsonl {prompt, answer} "
                               "file; make one with tools/prepare_math_data.py")
@@ -332,8 +332,6 @@ def validate(cfg: RunConfig) -> None:
             "constant horizon must be at least the longest response")
     top_k = getattr(lo.policy, "top_k", None)
     if top_k is not None and not cfg.model.hf_path:
-        from drpo_megatron.models.tiny import VOCAB_SIZE
-
         if top_k > VOCAB_SIZE:
             raise ConfigError(f"loss.params.top_k={top_k} exceeds the vocabulary ({VOCAB_SIZE} "
                               "tokens): SGLang's scheduler dies on it; lower top_k")

@@ -92,7 +92,8 @@ def _example(model: type[BaseModel] | None, loc: tuple, kind: str) -> str:
     if field is not None and not field.is_required():
         default = field.get_default(call_default_factory=True)
         if default is not None and not isinstance(default, BaseModel):
-            return f"; write e.g. {leaf}: {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}"
+            shown = yaml.safe_dump(default, default_flow_style=True).strip()
+            return f"; write e.g. {leaf}: {shown.removesuffix('...').strip()}"
     generic = {"int": "1", "float": "1.0", "bool": "true", "string": '"text"', "list": "[]"}
     for word, ex in generic.items():
         if kind.startswith(word):

@@ -33,7 +33,7 @@ def main() -> None:
     for i in range(0, len(steps), a.every):
         win = [by_step[s] for s in steps[i:i + a.every]]
 
-        def mean(key):
+        def mean(key, win=win):
             vals = [w[key] for w in win if key in w and isinstance(w[key], (int, float))]
             return sum(vals) / len(vals) if vals else math.nan
 

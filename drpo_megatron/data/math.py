@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from drpo_megatron.data.arithmetic import train_eval_split
+
 log = logging.getLogger(__name__)
 
 # Qwen's math-evaluation instruction: the answer goes into \boxed{} (math-verify parses it)
@@ -110,8 +112,6 @@ def load_task(task, tokenizer) -> tuple[list, list]:
     """(train problems, eval problems) of a :class:`~drpo_megatron.config.TaskConfig`; every
     problem has ``prompt_text``, ``answer`` and ``source``."""
     if task.kind == "arithmetic":
-        from drpo_megatron.data.arithmetic import train_eval_split
-
         return train_eval_split(task.num_train, task.num_eval, seed=task.seed,
                                 max_operand=task.max_operand)
     check_template(task.prompt_template)

@@ -45,6 +45,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from drpo_megatron.dist import free_port
+from drpo_megatron.models.fp8_config import (apply_precision, check_fp8_supported,
+                                             transformer_precision_fields)
+from drpo_megatron.platform import apply_cpu_compat, cpu_transformer_overrides
+from drpo_megatron.weights.hf_export import write_hf_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +71,6 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def _ensure_platform() -> None:
     if not torch.cuda.is_available():
-        from drpo_megatron.platform import apply_cpu_compat
-
         apply_cpu_compat()
 
 
@@ -226,8 +228,6 @@ def load_policy_from_hf(
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
     if fp8 is not None and fp8.fp8:
-        from drpo_megatron.models.fp8_config import check_fp8_supported, transformer_precision_fields
-
         transformer_precision_fields(fp8)  # config errors first
         check_fp8_supported()              # then the clear "needs CUDA / TE" error
     init_distributed(tp=tp, pp=pp, ep=ep, etp=etp, seed=seed)
@@ -249,14 +249,11 @@ def load_policy_from_hf(
     provider.fp16 = False
     cpu = not torch.cuda.is_available()
     if cpu:
-        from drpo_megatron.platform import cpu_transformer_overrides
         from megatron.bridge.models.gpt_provider import local_layer_spec
 
         _apply_fields(provider, cpu_transformer_overrides(), strict=False)
         provider.transformer_layer_spec = local_layer_spec
     if fp8 is not None and fp8.fp8:
-        from drpo_megatron.models.fp8_config import apply_precision
-
         apply_precision(provider, fp8)
     if overrides:
         _apply_fields(provider, overrides, strict=True)
@@ -363,8 +360,6 @@ def save_hf_checkpoint(
     files are copied.  ``precision``: bf16 (as is) | fp8_emulated | fp8 (rollout layouts).
     """
     import torch.distributed as dist
-
-    from drpo_megatron.weights.hf_export import write_hf_checkpoint
 
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     path = write_hf_checkpoint(export_hf_state_dict(bridge, model_chunks), out_dir,

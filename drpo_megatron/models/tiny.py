@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from drpo_megatron.data.arithmetic import make_problems
 from drpo_megatron.schema import Section
 
 log = logging.getLogger(__name__)
@@ -135,8 +136,6 @@ def prompt_ids(tokenizer, question: str) -> list[int]:
 def _sft(model, tokenizer, cfg: TinyModelConfig, max_operand: int, on_progress=None) -> list[float]:
     """Short supervised warm start on noisy demonstrations of every problem of the task
     (prompt tokens masked from the loss)."""
-    from drpo_megatron.data.arithmetic import make_problems
-
     n_all = (max_operand + 1) ** 2 * 2
     problems = make_problems(n_all, seed=cfg.seed, max_operand=max_operand)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -54,6 +54,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from drpo_megatron.models.tiny import VOCAB_SIZE
 from drpo_megatron.config import ArchConfig, ConfigError, RunConfig, load_config
 
 GIB = 2 ** 30
@@ -90,8 +91,6 @@ def resolve_arch(cfg: RunConfig) -> ArchConfig:
         return a
     if not cfg.model.hf_path:
         t = cfg.model.tiny
-        from drpo_megatron.models.tiny import VOCAB_SIZE
-
         return ArchConfig(architecture="Qwen3MoeForCausalLM", hidden_size=t.hidden_size,
                           num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
                           num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim,

@@ -223,7 +223,7 @@ class Fleet:
                         self.reissued += 1
                         if aborts[g] > self.max_aborts:
                             raise ServerError(f"request {g} aborted {aborts[g]} times in a row "
-                                              f"(weight updates keep pausing the servers): {e}")
+                                              f"(weight updates keep pausing the servers): {e}") from e
                         log.info("%s; re-issuing it", e)
                         pending.insert(0, g)
                     except ServerError as e:

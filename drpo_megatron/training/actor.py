@@ -35,10 +35,13 @@ from drpo_megatron.algorithms import POLICY_LOSSES, aggregate_loss, reduce_metri
 from drpo_megatron.algorithms.losses import LOSS_EXTRAS
 from drpo_megatron.dist import share
 from drpo_megatron.models import megatron_model as mm
+from drpo_megatron.models.fp8_config import PrecisionConfig
 from drpo_megatron.samples import Sample
 from drpo_megatron.training import checkpoint as ckpt
 from drpo_megatron.training.batch import MicroBatch, pack_samples
 from drpo_megatron.training.config import ActorConfig
+from drpo_megatron.training.logprobs import vocab_parallel_logprobs
+from drpo_megatron.weights.hf_export import precision_transform
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +120,6 @@ class MegatronActor:
         from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel.mappings import (
             copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region)
-
-        from drpo_megatron.training.logprobs import vocab_parallel_logprobs
 
         weight = output_weight if output_weight is not None else output_layer.weight
         tp_group = ps.get_tensor_model_parallel_group()
@@ -303,8 +304,6 @@ class MegatronActor:
         """The current weights as a stream of ``(hf_name, full tensor)``, transformed for the
         rollout ``precision`` (``weights.hf_export.precision_transform``).  Collective under model
         parallelism: every rank must iterate it to the end (rank 0 sends)."""
-        from drpo_megatron.weights.hf_export import precision_transform
-
         named = mm.export_hf_state_dict(self.bridge, self.model)
         transform = precision_transform(precision)
         return transform(named) if transform is not None else named
@@ -345,8 +344,6 @@ def _from_last_stage(results: list[torch.Tensor]) -> list[torch.Tensor]:
 def _precision(cfg: ActorConfig):
     if not cfg.model.fp8:
         return None
-    from drpo_megatron.models.fp8_config import PrecisionConfig
-
     return PrecisionConfig.from_setting(cfg.model.dtype, cfg.model.fp8)
 
 

@@ -2,8 +2,8 @@
 
 The FP8 rollout (the DRPO paper, arXiv:2606.09821, FP8 settings) trains in BF16 and serves the
 policy in FP8: at every weight sync the linear weights are re-quantized into the layout of
-SGLang's block-FP8 checkpoints (the layout of Qwen's published ``*-FP8`` and of DeepSeek-V3 checkpoints); the router, embeddings,
-``lm_head`` and norms stay BF16.
+SGLang's block-FP8 checkpoints (the layout of Qwen's published ``*-FP8`` and of DeepSeek-V3
+checkpoints); the router, embeddings, ``lm_head`` and norms stay BF16.
 
 Checkpoint layout (what SGLang's ``fp8`` quantization with ``weight_block_size`` loads)
 ---------------------------------------------------------------------------------------

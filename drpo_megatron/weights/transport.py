@@ -342,8 +342,8 @@ class DistributedTransport(_BaseTransport):
             dtypes = [str(t.dtype).removeprefix("torch.") for _, t in wire]
             shapes = [list(t.shape) for _, t in wire]
             threads, errors = _in_threads([
-                lambda s=s: s.update_weights_from_distributed(names, dtypes, shapes,
-                                                              group_name=self.group_name)
+                lambda s=s, names=names, dtypes=dtypes, shapes=shapes: s.update_weights_from_distributed(
+                    names, dtypes, shapes, group_name=self.group_name)
                 for s in self.servers])
             for _, t in wire:
                 dist.broadcast(t.to(dev), src=0, group=self.group)

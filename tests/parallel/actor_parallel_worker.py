@@ -50,7 +50,6 @@ def make_samples():
 
 
 def main(hf_dir: str, layout: str, out: str) -> None:
-    import torch
     import torch.distributed as dist
 
     from drpo_megatron.models import megatron_model as mm

@@ -285,7 +285,7 @@ def run_batch(out_json: str, parallel: int = 2, timeout: float = 240.0) -> int:
             running[pid] = (name, path, time.monotonic())
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid == 0:
-            for cpid, (name, path, t0) in list(running.items()):
+            for cpid, (_name, _path, t0) in list(running.items()):
                 if time.monotonic() - t0 > timeout:
                     os.kill(cpid, signal.SIGKILL)
             time.sleep(0.05)

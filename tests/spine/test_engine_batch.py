@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 
 from drpo_megatron.rollout.engine import Sample, parse_sample, rollout_metrics
 from drpo_megatron.rollout.server import ServerError

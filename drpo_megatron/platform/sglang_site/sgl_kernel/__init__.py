@@ -87,7 +87,7 @@ def _murmur_fake(seed, positions, col_indices):
 
 def _register() -> None:
     try:  # a re-import of this module in the same process (tests) must not define it twice
-        _torch.ops.sgl_kernel.murmur_hash32_cpu
+        _ = _torch.ops.sgl_kernel.murmur_hash32_cpu  # raises when not registered yet
         return
     except (AttributeError, RuntimeError):
         pass
