@@ -2,6 +2,12 @@
 
 ``drpo train`` with no arguments runs the embedded CPU default (tiny Qwen3-MoE, arithmetic task,
 DRPO, one SGLang server on CPU).
+
+Errors (drpo_megatron/errors.py): an expected one is printed once, from rank 0, as ``drpo
+<command>: <message>`` and exits 2 (bad input) or 1 (run-time failure), without a traceback;
+``--debug`` (anywhere on the command line) re-raises it with its traceback.  An unexpected
+exception keeps its traceback and is followed by one line naming the logs.  Each command imports
+only what it needs (a typo in a YAML file is reported in a second, before torch loads).
 """
 
 from __future__ import annotations
@@ -10,6 +16,12 @@ import argparse
 import logging
 import os
 import sys
+import traceback
+
+from drpo_megatron.errors import DrpoError
+
+#: where the current command's logs are, for the one-line summary of an unexpected error
+_CONTEXT: dict[str, str] = {}
 
 
 def _train(argv: list[str]) -> int:
@@ -40,8 +52,8 @@ def _train(argv: list[str]) -> int:
         cfg = load_config(args.config, overrides, sets=args.set)
         check_world_size(cfg)  # the launch matches parallel.num_nodes * gpus_per_node
     except ConfigError as e:
-        print(f"drpo train: config error: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"config error: {e}") from e
+    _CONTEXT["logs"] = os.path.join(os.path.abspath(os.path.expanduser(cfg.output_dir)), "logs")
 
     from drpo_megatron.platform import apply_cpu_compat
 
@@ -113,15 +125,40 @@ COMMANDS = {"train": _train, "config": _config, "dashboard": _dashboard, "conver
             "submit": _submit}
 
 
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # >1 thread per rank made gloo DDP 50x slower
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: drpo {" + ",".join(COMMANDS) + "} [options]   (drpo COMMAND --help)",
+        print("usage: drpo {" + ",".join(COMMANDS) + "} [options] [--debug]   (drpo COMMAND --help)",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return COMMANDS[argv[0]](argv[1:])
+    cmd = argv[0]
+    _CONTEXT.clear()
+    try:
+        return COMMANDS[cmd](argv[1:])
+    except DrpoError as e:
+        if debug:
+            raise
+        if _is_rank0():  # every rank raises it; the user reads it once
+            print(f"drpo {cmd}: {e}", file=sys.stderr)
+        logging.getLogger("drpo").error("%s: %s", type(e).__name__, e)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"drpo {cmd}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - a bug: keep the traceback, add where to look
+        traceback.print_exc()
+        where = f"; logs: {_CONTEXT['logs']}" if "logs" in _CONTEXT else ""
+        print(f"drpo {cmd}: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+              f"{where} (this is a bug: please report it with the traceback above)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -136,9 +136,14 @@ class TrainConfig(Section):
     """k of avg@k evaluation."""
     seed: int = 1234
     """Seed of everything: model init order, data order, sampling seeds."""
-    save_every: int = Field(default=0, ge=0)
-    """Megatron checkpoint (model, optimizer, RNG states, data cursor, step) every save_every
-    steps into <output_dir>/checkpoint; 0 = only at the end."""
+    save_every: int = Field(default=50, ge=0)
+    """Megatron checkpoint (model, optimizer, RNG states, data cursor, step, resolved config)
+    every save_every steps into <output_dir>/checkpoint (and always after the last step and on a
+    stop request); 0 = only then. A crash loses at most save_every steps."""
+    max_nonfinite_updates: int = Field(default=3, ge=0)
+    """Optimizer updates in a row whose loss or gradient is NaN/inf that are skipped (counted in
+    loss/nonfinite_skipped; the weights never see them) before the run stops with a clear error
+    (the last checkpoint stays intact); 0 = stop at the first."""
     resume: Literal["auto", "never", "must"] = "auto"
     """"auto": continue from <output_dir>/checkpoint when it exists; "must" (`drpo train
     --resume`): a missing checkpoint is an error; "never": always start at step 1."""

@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+import requests
 import torch
+import yaml
 from transformers import AutoTokenizer
 
 from drpo_megatron.algorithms.losses import LOSS_EXTRAS
@@ -26,13 +29,15 @@ from drpo_megatron.mismatch.monitor import MismatchMonitor
 from drpo_megatron.mismatch.writers import MultiWriter, build_writers
 from drpo_megatron.models.megatron_model import init_distributed
 from drpo_megatron.models.tiny import ensure_tiny_checkpoint
-from drpo_megatron.operate.rundir import Progress, RolloutRecorder, setup_run_dir
+from drpo_megatron.operate.rundir import (Progress, RolloutRecorder, check_writable, setup_run_dir,
+                                          unsafe_resume_changes)
 from drpo_megatron.rewards import build_reward
 from drpo_megatron.rollout.generator import RolloutGenerator
-from drpo_megatron.rollout.router import RolloutSetup
+from drpo_megatron.rollout.router import RolloutSetup, resolve_router_url
 from drpo_megatron.rollout.verify import DEFAULT_ATOL
 from drpo_megatron.schema import ConfigError
 from drpo_megatron.training.actor import MegatronActor
+from drpo_megatron.training.checkpoint import find_checkpoint, read_trainer_state
 from drpo_megatron.training.flops import FlopsModel, ThroughputMeter, device_peak_flops
 from drpo_megatron.weights.sync import (PausedTransport, VerifiedTransport, actor_reference,
                                         collective_only_resync, export_dir_resync,
@@ -43,6 +48,12 @@ log = logging.getLogger("drpo")
 
 # SGLang uses a request's sampling_seed only in deterministic mode (on CPU see platform/sglang_cpu)
 DETERMINISTIC_FLAG = "--enable-deterministic-inference"
+ROUTER_PROBE_TIMEOUT_S = 5.0  # one /health probe of an external router before anything starts
+
+
+def is_driver_process() -> bool:
+    """Rank 0 of the launch (before the process group exists)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 @dataclass
@@ -103,11 +114,54 @@ def policy_checkpoint(cfg: RunConfig, driver: bool) -> Path:
     return policy
 
 
+def preflight(cfg: RunConfig) -> None:
+    """What can be checked of the machine before anything starts (rank 0): the run directory is
+    writable, a resume does not change what the run is (before config.yaml is overwritten), a
+    fixed server port is free, an external router answers."""
+    run_dir = Path(cfg.output_dir).expanduser().resolve()
+    check_writable(run_dir)
+    if cfg.train.resume != "never":
+        ckpt = find_checkpoint(run_dir / "checkpoint")
+        if ckpt is not None:
+            old = read_trainer_state(ckpt).get("config")
+            if old is None and (run_dir / "config.yaml").exists():  # checkpoints before the config
+                old = yaml.safe_load((run_dir / "config.yaml").read_text())  # was saved in them
+            changes = unsafe_resume_changes(old or {}, cfg.to_dict()) if old else []
+            if changes:
+                raise ConfigError(
+                    f"resume from {ckpt}: this config changes what the run is:\n  "
+                    + "\n  ".join(changes) + "\nfix: restore those values to resume, or start a "
+                    "new run with another --output-dir (or --set train.resume=never to start over "
+                    "here, replacing the checkpoint at the next save)")
+    port, host = cfg.rollout.server.port, cfg.rollout.server.host
+    if port and not resolve_router_url(cfg.rollout)[0]:
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"rollout.server.port={port}: cannot listen on {host}:{port} "
+                              f"({e.strerror}); choose a free port, or 0 to pick one") from None
+    url, source = resolve_router_url(cfg.rollout)
+    if url:
+        try:
+            requests.get(url.rstrip("/") + "/health", timeout=ROUTER_PROBE_TIMEOUT_S)
+        except requests.ConnectionError as e:
+            if "refused" in str(e).lower() or "Name or service not known" in str(e):
+                raise ConfigError(
+                    f"{source}={url}: nothing answers there ({str(e).splitlines()[0][:160]}); start "
+                    "the router first, fix the URL, or unset it to let drpo launch the servers"
+                ) from None
+        except requests.RequestException:
+            pass  # slow or busy: RolloutSetup waits for it (rollout.server.startup_timeout_s)
+
+
 def build_run(cfg: RunConfig) -> Run:
     """Every component of the run, built in the order that lets servers load while the actor
     builds; whatever fails after the servers started stops them again."""
     build_reward("math_verify_boxed")  # cheap checks first: nothing below starts before these
     check_world_size(cfg)
+    if is_driver_process():
+        preflight(cfg)
 
     run_dir = setup_run_dir(cfg.output_dir, cfg.to_dict())
     par = cfg.parallel

@@ -18,8 +18,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from drpo_megatron.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A configuration value is invalid; the message names the field, the value and the fix."""
 
 

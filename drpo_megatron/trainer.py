@@ -12,7 +12,9 @@ import time
 
 from drpo_megatron.config import RunConfig
 from drpo_megatron.dist import share
+from drpo_megatron.errors import NonFiniteError
 from drpo_megatron.operate.preempt import Stopper
+from drpo_megatron.operate.rundir import rollback_jsonl
 from drpo_megatron.rollout.engine import rollout_metrics
 from drpo_megatron.run import Run, build_run
 from drpo_megatron.training.checkpoint import find_checkpoint
@@ -21,10 +23,12 @@ log = logging.getLogger(__name__)
 
 
 def save(run: Run, step: int) -> None:
-    """Checkpoint: model, optimizer, RNG states, the data cursor and the step (atomic)."""
+    """Checkpoint: model, optimizer, RNG states, the data cursor, the resolved config (a resume
+    compares it with its own) and the step (atomic; a failure raises CheckpointError and leaves
+    the previous checkpoint intact)."""
     t0 = time.time()
     run.actor.save_checkpoint(run.run_dir / "checkpoint", step=step,
-                              extra_state=run.prompts.state_dict())
+                              extra_state={**run.prompts.state_dict(), "config": run.cfg.to_dict()})
     log.info("saved checkpoint of step %d in %.1fs", step, time.time() - t0)
 
 
@@ -41,6 +45,12 @@ def resume(run: Run) -> int:
         return 1
     step, extra = run.actor.load_checkpoint(ckpt)
     run.prompts.load_state_dict(extra)
+    if run.driver:  # steps after the checkpoint run again: each is recorded once
+        for name in ("metrics.jsonl", "rollouts.jsonl"):
+            dropped = rollback_jsonl(run.run_dir / name, step)
+            if dropped:
+                log.info("%s: dropped %d records of steps after %d (they run again)", name,
+                         dropped, step)
     run.sync.push(version=step)
     if not run.cfg.rollout.verify_sync:  # (with it, push checked already) drift after resume: loud
         run.sync.verify(step)
@@ -52,13 +62,20 @@ def resume(run: Run) -> int:
 def train(cfg: RunConfig) -> dict[str, float]:
     """Run RL steps up to ``cfg.train.max_steps``; returns the last step's metrics."""
     stopper = Stopper.from_env()  # preemption requests (drpo_megatron/operate/preempt.py)
-    run = build_run(cfg)
+    try:
+        with stopper.during_startup():  # a signal now stops at once: nothing to checkpoint yet
+            run = build_run(cfg)
+    except BaseException:
+        stopper.close()
+        raise
     last: dict[str, float] = {}
     old_policy_anchor = cfg.loss.policy.anchor == "old_policy"
+    nonfinite_streak = 0
     try:
-        start = resume(run)
-        if cfg.train.eval_every and start == 1 and run.driver:
-            run.writers.log_scalars(0, run.rollout.evaluate(version=0))
+        with stopper.during_startup():
+            start = resume(run)
+            if cfg.train.eval_every and start == 1 and run.driver:
+                run.writers.log_scalars(0, run.rollout.evaluate(version=0))
         for step in run.progress.steps(range(start, cfg.train.max_steps + 1)):
             t_step = time.time()
             metrics: dict[str, float] = {}
@@ -103,6 +120,15 @@ def train(cfg: RunConfig) -> dict[str, float]:
             run.writers.log_scalars(step, metrics)
             run.progress.show(step, metrics)
             last = metrics
+            skipped = int(metrics.get("loss/nonfinite_skipped", 0))
+            nonfinite_streak = nonfinite_streak + skipped if skipped else 0
+            if nonfinite_streak > cfg.train.max_nonfinite_updates:
+                raise NonFiniteError(
+                    f"step {step}: {nonfinite_streak} optimizer updates in a row had a non-finite "
+                    f"loss or gradient (train.max_nonfinite_updates={cfg.train.max_nonfinite_updates})"
+                    "; they were skipped, the weights are finite and the last checkpoint in "
+                    f"{run.run_dir / 'checkpoint'} is intact; fix: lower optim.lr, check the loss "
+                    "parameters (a tiny delta overflows the weights), or inspect metrics.jsonl")
 
             # 7. save (every train.save_every steps; always after the last step; and on a stop
             #    request: stop file / SIGTERM / SIGUSR1 -> checkpoint, exit 75, SLURM requeues)

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from drpo_megatron.dist import barrier, free_port
+from drpo_megatron.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ SAMPLE_PROMPTS = (
 )
 
 
-class ConvertError(ValueError):
+class ConvertError(InputError):
     """A one-line user error: names the option, the value and the fix."""
 
 

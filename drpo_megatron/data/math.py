@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from drpo_megatron.errors import InputError
+
 from drpo_megatron.data.arithmetic import train_eval_split
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ class MathProblem:
         return self.template.format(problem=self.problem)
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A task file is missing or malformed; the message names the file, the line and the fix."""
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from typing import Any, Callable, Sequence
 
-from drpo_megatron.data.math import encode_prompt
+from drpo_megatron.data.math import DataError, encode_prompt
 
 
 class PromptStream:
@@ -21,7 +21,8 @@ class PromptStream:
 
     def __init__(self, problems: Sequence[Any], tokenizer, seed: int):
         if not problems:
-            raise ValueError("the training set is empty: nothing to generate from; check task.*")
+            raise DataError("the training set is empty: nothing to generate from; check "
+                            "task.train_file (or task.num_train) and task.max_prompt_tokens")
         self.problems = list(problems)
         self.seed = seed
         self.cursor = 0

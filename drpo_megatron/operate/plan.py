@@ -54,6 +54,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from drpo_megatron.errors import InputError
 from drpo_megatron.models.tiny import VOCAB_SIZE
 from drpo_megatron.config import ArchConfig, ConfigError, RunConfig, load_config
 
@@ -62,7 +63,7 @@ OVERHEAD_GIB = 3.0
 LOGPROB_CHUNK = 1024
 
 
-class PlanError(ValueError):
+class PlanError(InputError):
     """One-line refusal: field, value, fix."""
 
 

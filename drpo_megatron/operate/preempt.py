@@ -19,12 +19,14 @@ id, same ``output_dir``) resumes from ``<output_dir>/checkpoint`` (``train.resum
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +41,28 @@ class Preempted(SystemExit):
         self.step = step
 
 
+class StoppedDuringStartup(SystemExit):
+    """SIGTERM / SIGUSR1 arrived while the run was starting (servers loading, the model
+    building): there is nothing to checkpoint yet, so the start-up is abandoned at once (what it
+    started is stopped by ``run.build_run``) and ``drpo train`` exits with
+    :data:`EXIT_PREEMPTED`; a requeued job starts (or resumes) again."""
+
+    def __init__(self, reason: str):
+        super().__init__(EXIT_PREEMPTED)
+        self.reason = reason
+
+
 class Stopper:
-    """Watches the stop file and SIGTERM/SIGUSR1 (handlers installed from the main thread only)."""
+    """Watches the stop file and SIGTERM/SIGUSR1 (handlers installed from the main thread only).
+
+    Inside :meth:`during_startup` a signal stops at once (:class:`StoppedDuringStartup`); in the
+    loop it is a request that :meth:`requested` reports after the step."""
 
     def __init__(self, stop_file: str | None = None, install_signals: bool = True):
         self.stop_file = Path(stop_file) if stop_file else None
         self.reason: str | None = None
         self._previous: dict = {}
+        self._startup = False
         if install_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 self._previous[sig] = signal.signal(sig, self._on_signal)
@@ -60,8 +77,26 @@ class Stopper:
     def from_env(cls) -> Stopper:
         return cls(os.environ.get("DRPO_STOP_FILE") or None)
 
+    @contextlib.contextmanager
+    def during_startup(self) -> Iterator[None]:
+        """A signal inside this block raises :class:`StoppedDuringStartup` (also for one that
+        arrived just before it)."""
+        if self.reason is not None:
+            raise StoppedDuringStartup(self.reason)
+        self._startup = True
+        try:
+            yield
+        finally:
+            self._startup = False
+
     def _on_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name
+        if self._startup:
+            self.reason = name
+            self._startup = False  # raised once; the clean-up below runs undisturbed
+            log.warning("got %s during start-up: stopping what was started and exiting %d",
+                        name, EXIT_PREEMPTED)
+            raise StoppedDuringStartup(name)
         if self.reason is None:
             self.reason = name
             log.warning("got %s: finishing the current step, then checkpoint and exit %d",

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Sequence
 import yaml
 from tqdm import tqdm
 
+from drpo_megatron.errors import InputError
 from drpo_megatron.samples import Sample
 
 log = logging.getLogger("drpo")
@@ -92,3 +93,86 @@ class Progress:
         log.info(msg)
         if self._bar is not None:
             self._bar.set_postfix(reward=f"{metrics.get('rollout/reward_mean', 0):.3f}")
+
+
+# ---------------------------------------------------------------------------- before a resume
+#: Config fields a resumed run may change (dotted prefixes): how long and how often things
+#: happen, logging, server launch details, the router, the check after a push, and the TP/PP
+#: layout (checkpoints are resharded on load: training/checkpoint.py).  Everything else (the
+#: model, the task, the loss and its parameters, the optimizer, sampling, the seed) changes what
+#: the run is, so a resume with another value is refused before anything is overwritten.
+RESUME_SAFE_CHANGES = (
+    "name", "output_dir", "train.max_steps", "train.eval_every", "train.eval_samples_per_prompt",
+    "train.save_every", "train.resume", "train.max_nonfinite_updates", "logging.",
+    "rollout.server.", "rollout.verify_sync", "rollout.max_attempts", "rollout.num_servers",
+    "rollout.router", "rollout.weight_transport", "rollout.weight_bucket_mb",
+    "parallel.tp", "parallel.pp", "parallel.etp", "parallel.sequence_parallel", "parallel.num_nodes",
+    "parallel.gpus_per_node", "parallel.micro_batch_size", "parallel.recompute", "parallel.device",
+    "parallel.rollout_nodes", "parallel.rollout_tp", "parallel.gpu_memory_gb",
+)  # not parallel.ep / use_distributed_optimizer: Megatron's optimizer state does not move
+#    between EP = 1 and EP > 1, nor between the plain and the distributed optimizer
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists and ``loss.params`` values stay whole)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key != "loss.params":
+            out.update(flatten(v, prefix=f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def unsafe_resume_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The fields whose value differs between the checkpoint's config and this run's, outside
+    :data:`RESUME_SAFE_CHANGES`, as ``field: old -> new`` lines."""
+    a, b = flatten(old), flatten(new)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "<absent>") == b.get(key, "<absent>"):
+            continue
+        if any(key == s or (s.endswith(".") and key.startswith(s)) or key.startswith(s + ".")
+               for s in RESUME_SAFE_CHANGES):
+            continue
+        lines.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+    return lines
+
+
+def check_writable(run_dir: Path) -> None:
+    """The run directory can be created and written (before anything expensive starts)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"output_dir={str(run_dir)!r} cannot be written ({e.strerror}); choose a "
+                         "directory you can write to with --output-dir") from None
+
+
+def rollback_jsonl(path: Path, step: int) -> int:
+    """Drop the records of steps after ``step`` from a run's jsonl file (``metrics.jsonl``,
+    ``rollouts.jsonl``): after a resume from the checkpoint of ``step`` the steps after it run
+    again and are recorded again, each once.  Atomic (written aside, then renamed); returns the
+    number of records dropped.  A torn last line (a kill mid-write) is dropped too."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    with open(path) as fh:
+        for line in fh:
+            try:
+                rec_step = int(json.loads(line).get("step", 0))
+            except (ValueError, AttributeError):
+                dropped += 1
+                continue
+            if rec_step <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return dropped

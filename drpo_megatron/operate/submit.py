@@ -32,6 +32,7 @@ from pathlib import Path
 
 import yaml
 
+from drpo_megatron.errors import InputError
 from drpo_megatron.config import ConfigError, RunConfig, load_config
 from drpo_megatron.operate.plan import PlanError, check_fits, make_plan
 
@@ -40,7 +41,7 @@ TEMPLATES = REPO / "slurm"
 _TIME_RE = re.compile(r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$|^\d+$")
 
 
-class SubmitError(ValueError):
+class SubmitError(InputError):
     pass
 
 

@@ -47,6 +47,7 @@ import math
 import time
 from typing import Any, Callable, get_args, Literal, Sequence
 
+from drpo_megatron.errors import RuntimeFailure
 from drpo_megatron.rollout.engine import Sample
 
 __all__ = ["OVERLONG_MODES", "ON_EXHAUSTED", "DynamicSamplingExhausted", "apply_overlong", "check_sampling_config",
@@ -67,7 +68,7 @@ Generate = Callable[[Sequence[list[int]], Sequence[str], int], "list[Sample]"]
 Score = Callable[[Sequence[Sample]], None]
 
 
-class DynamicSamplingExhausted(RuntimeError):
+class DynamicSamplingExhausted(RuntimeFailure):
     """``rollout.max_rounds`` rounds did not yield ``prompts_per_step`` informative groups."""
 
 

@@ -18,6 +18,7 @@ import requests
 from pydantic import Field
 
 from drpo_megatron.dist import free_port
+from drpo_megatron.errors import RuntimeFailure
 from drpo_megatron.platform import sglang_cpu
 from drpo_megatron.schema import Section
 
@@ -28,7 +29,7 @@ LOG_EVERY_S = 10.0  # how often a long wait says what it is waiting for
 LOG_TAIL_LINES = 30
 
 
-class ServerError(RuntimeError):
+class ServerError(RuntimeFailure):
     """An SGLang server failed, died or timed out; the message names its log file."""
 
 

@@ -24,6 +24,7 @@ multiplies by both factors so the gradient equals that of the global step loss.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from functools import partial
 from pathlib import Path
@@ -44,6 +45,9 @@ from drpo_megatron.training.logprobs import vocab_parallel_logprobs
 from drpo_megatron.weights.hf_export import precision_transform
 
 log = logging.getLogger(__name__)
+
+#: train_on reports these as counts over the step's updates (the others as means)
+SUMMED_OVER_UPDATES = ("loss/nonfinite_skipped",)
 
 
 
@@ -201,7 +205,8 @@ class MegatronActor:
         ``anchor_logp``: π_old per sample (the caller computed it before any update of this step)
         when the loss config says ``anchor: old_policy``; None = anchor on the rollout's µ.  The
         choice is the caller's, from the typed loss config: never switched here.  Returns the
-        mean over updates of each metric, plus ``loss/policy_loss_first_update``."""
+        mean over updates of each metric (``loss/nonfinite_skipped``: the count of updates
+        skipped for a non-finite loss or gradient), plus ``loss/policy_loss_first_update``."""
         k = self.cfg.optim.updates_per_rollout
         per = len(samples) // k
         reports = []
@@ -212,7 +217,7 @@ class MegatronActor:
         out: dict[str, float] = {}
         for key in reports[0]:
             vals = [r[key] for r in reports if key in r]
-            out[key] = sum(vals) / len(vals)
+            out[key] = sum(vals) if key in SUMMED_OVER_UPDATES else sum(vals) / len(vals)
         out["loss/policy_loss_first_update"] = reports[0].get("loss/policy_loss", float("nan"))
         return out
 
@@ -291,13 +296,39 @@ class MegatronActor:
         reports = self._run(forward_step, mbs, width, forward_only=False)
         self._entropy.clear()
         self._topk.clear()
-        ok, grad_norm, _ = self.optimizer.step()
         out = _merge_reports(reports)
         # the step loss on every rank: sum over PP stages (only the last has it) and DP ranks
         out["loss/policy_loss"] = _global_loss_sum(out.get("loss/policy_loss", 0.0))
+        if not self._finite(out["loss/policy_loss"]):
+            # a NaN/inf loss or gradient never reaches the weights (nor Adam's moments): the
+            # update is skipped on every rank and counted; the loop decides when to stop
+            for m in self.model:
+                m.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            out.update({"loss/grad_norm": float("nan"), "loss/update_skipped": 1.0,
+                        "loss/nonfinite_skipped": 1.0})
+            return out
+        ok, grad_norm, _ = self.optimizer.step()
         out["loss/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         out["loss/update_skipped"] = 0.0 if ok else 1.0
+        out["loss/nonfinite_skipped"] = 0.0
         return out
+
+    def _finite(self, loss: float) -> bool:
+        """True when the step loss and every rank's gradients are finite (collective: the
+        answer is the same on every rank)."""
+        bad = not math.isfinite(loss)
+        if not bad:
+            for chunk in self.model:
+                for p in chunk.parameters():
+                    g = getattr(p, "main_grad", None)
+                    g = p.grad if g is None else g
+                    if g is not None and not torch.isfinite(g).all():
+                        bad = True
+                        break
+                if bad:
+                    break
+        return not _any_rank(bad)
 
     # ------------------------------------------------------------------ weights out
     def named_hf_tensors(self, precision: str = "bf16"):
@@ -373,6 +404,18 @@ def _all_reduce_max(value: int, dp: int) -> int:
     t = torch.tensor([value], dtype=torch.long)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
     return int(t.item())
+
+
+def _any_rank(flag: bool) -> bool:
+    """``flag`` OR-ed over every rank of the job."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float32, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _global_loss_sum(local: float) -> float:

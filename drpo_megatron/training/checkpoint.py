@@ -16,10 +16,11 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
+from drpo_megatron.errors import CheckpointError
 from drpo_megatron.models.megatron_model import unwrap_model
 
 __all__ = ["save_megatron_checkpoint", "load_megatron_checkpoint", "find_checkpoint",
-           "load_trainer_state", "rng_states", "set_rng_states"]
+           "load_trainer_state", "read_trainer_state", "rng_states", "set_rng_states"]
 
 # fully_reshardable: the optimizer state loads under another TP/PP/DP layout;
 # chained_optim_avoid_prefix: the key layout of Megatron's current checkpoints.
@@ -57,11 +58,29 @@ def save_megatron_checkpoint(
     model part does.)  Writes ``<out_dir>/`` (replaced atomically by rank 0).
     """
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing
 
     out = Path(out_dir).resolve()
     tmp = out.with_name(out.name + ".tmp")
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    try:
+        return _save(model_chunks, optimizer, out, tmp, rank0, step, extra_state)
+    except Exception as e:  # noqa: BLE001 - a full disk, a read-only directory (torch_dist wraps
+        # the OSError in its own exception types): the previous checkpoint stays intact
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = find_checkpoint(out)
+        why = (getattr(e, "strerror", None) or str(e).splitlines()[0]) if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"could not write the checkpoint of step {step} to {out} ({why}); "
+            f"{'the previous one is intact at ' + str(kept) if kept else 'no earlier checkpoint exists'}"
+            "; fix: free disk space or make the directory writable, then resume") from e
+
+
+def _save(model_chunks, optimizer, out: Path, tmp: Path, rank0: bool, step: int,
+          extra_state: Optional[Dict[str, Any]]) -> Path:
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
     if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -145,10 +164,36 @@ def load_trainer_state(ckpt_dir: str | os.PathLike) -> Dict[str, Any]:
     d = Path(ckpt_dir)
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng = d / f"rng_rank{rank}.pt"
-    if rng.exists():
-        set_rng_states(torch.load(rng, weights_only=False))
-    extra = d / "trainer_state.pt"
-    return torch.load(extra, weights_only=False) if extra.exists() else {}
+    try:
+        if rng.exists():
+            set_rng_states(torch.load(rng, weights_only=False))
+        return read_trainer_state(d)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - EOFError, UnpicklingError ... of a damaged file
+        raise CheckpointError(unreadable(d, e)) from e
+
+
+def read_trainer_state(ckpt_dir: str | os.PathLike) -> Dict[str, Any]:
+    """The ``extra_state`` saved with a checkpoint (``{}`` when none was), without touching the
+    model: what a resume checks before building anything."""
+    extra = Path(ckpt_dir) / "trainer_state.pt"
+    if not extra.exists():
+        return {}
+    try:
+        return torch.load(extra, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - EOFError, UnpicklingError ... of a damaged file
+        raise CheckpointError(unreadable(Path(ckpt_dir), e)) from e
+
+
+def unreadable(ckpt_dir: str | os.PathLike, e: BaseException) -> str:
+    d = Path(ckpt_dir)
+    old = d.with_name(d.name + ".old")
+    alt = (f"an older complete checkpoint is at {old}: move {d} away to resume from it, or "
+           if (old / "metadata.json").exists() else "")
+    why = str(e).splitlines()[0] if str(e) else "truncated"
+    return (f"the checkpoint {d} cannot be read ({type(e).__name__}: {why}); {alt}start a new run "
+            "with another --output-dir (or `drpo train ... --set train.resume=never`)")
 
 
 def load_megatron_checkpoint(
@@ -166,8 +211,11 @@ def load_megatron_checkpoint(
             state, is_loading=True,
             metadata=_OPTIM_CKPT_METADATA)
     state["step"] = 0
-    with torch.no_grad():
-        loaded = dist_checkpointing.load(state, str(ckpt_dir), strict="log_unexpected")
+    try:
+        with torch.no_grad():
+            loaded = dist_checkpointing.load(state, str(ckpt_dir), strict="log_unexpected")
+    except Exception as e:  # noqa: BLE001 - torch_dist raises many kinds for a damaged directory
+        raise CheckpointError(unreadable(ckpt_dir, e)) from e
     if len(chunks) == 1:
         unwrap_model(chunks[0]).load_state_dict(loaded["model"])
     else:

@@ -14,7 +14,8 @@ PKG = Path(__file__).resolve().parents[2] / "drpo_megatron"
 #: layer of each unit (a subpackage, or a top-level module); imports may only point to a layer
 #: below or to the same unit.  Units in one layer must not import each other.
 LAYERS = [
-    {"schema", "samples", "dist"},                 # neutral: no package imports
+    {"errors"},                                    # neutral: imports nothing
+    {"schema", "samples", "dist"},                 # neutral: config base, the Sample, ranks
     {"platform"},                                  # CPU compatibility layer
     {"algorithms", "mismatch", "data", "rewards",  # pure: math, metrics, datasets, rewards,
      "weights.formats"},                           #   HF export + FP8/FP4 quantizers

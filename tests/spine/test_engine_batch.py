@@ -6,7 +6,8 @@ import pytest
 
 from drpo_megatron.rollout.engine import Sample, parse_sample, rollout_metrics
 from drpo_megatron.rollout.server import ServerError
-from drpo_megatron.training.batch import causal_attention_mask, pack_samples
+from drpo_megatron.models.megatron_model import causal_attention_mask
+from drpo_megatron.training.batch import pack_samples
 
 
 def _out(ids, lps, **meta):

@@ -68,7 +68,7 @@ def _run(run_dir, mode="auto"):
     cfg = RunConfig()
     cfg.train.resume = mode
     return SimpleNamespace(cfg=cfg, run_dir=run_dir, actor=_Actor(), sync=_Transport(),
-                           prompts=PromptStream([object()], tokenizer=None, seed=0))
+                           prompts=PromptStream([object()], tokenizer=None, seed=0), driver=True)
 
 
 def test_resume_modes(tmp_path):
@@ -85,6 +85,20 @@ def test_resume_modes(tmp_path):
     assert r.prompts.cursor == 12 and r.prompts.order == [2, 0, 1]
     assert r.sync.pushed == [3]  # the loaded weights reach the server before step 4
     assert r.sync.verified == [3]  # ... and are checked there (rollout.verify_sync off)
+
+
+def test_resume_rolls_the_run_logs_back_to_the_checkpoint(tmp_path):
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "metadata.json").write_text("{}")  # the checkpoint of step 3
+    lines = [json.dumps({"step": s, "x": s}) for s in range(0, 6)]  # steps 4, 5 ran after it
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 6, "x"')  # torn line
+    (tmp_path / "rollouts.jsonl").write_text("".join(json.dumps({"step": s}) + "\n"
+                                                     for s in (1, 1, 2, 3, 4, 4)))
+    assert resume(_run(tmp_path)) == 4
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]
+    steps = [json.loads(x)["step"] for x in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
+    assert steps == [1, 1, 2, 3]
 
 
 def test_resume_uses_old_copy_of_interrupted_save(tmp_path):
