@@ -125,6 +125,14 @@ COMMANDS = {"train": _train, "config": _config, "dashboard": _dashboard, "conver
             "submit": _submit}
 
 
+def _log_to_files(msg: str) -> None:
+    """Put the error into the run's log files (not the console: it was printed already)."""
+    record = logging.LogRecord("drpo", logging.ERROR, __file__, 0, msg, None, None)
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
+
+
 def _is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
@@ -148,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if _is_rank0():  # every rank raises it; the user reads it once
             print(f"drpo {cmd}: {e}", file=sys.stderr)
-        logging.getLogger("drpo").error("%s: %s", type(e).__name__, e)
+        _log_to_files(f"{type(e).__name__}: {e}")
         return e.exit_code
     except KeyboardInterrupt:
         print(f"drpo {cmd}: interrupted", file=sys.stderr)

@@ -122,6 +122,10 @@ def preflight(cfg: RunConfig) -> None:
     check_writable(run_dir)
     if cfg.train.resume != "never":
         ckpt = find_checkpoint(run_dir / "checkpoint")
+        if ckpt is None and cfg.train.resume == "must":
+            raise ConfigError(f"--resume (train.resume=must): no checkpoint in "
+                              f"{run_dir / 'checkpoint'}; drop --resume to start a new run there, or "
+                              "point --output-dir at the run to continue")
         if ckpt is not None:
             old = read_trainer_state(ckpt).get("config")
             if old is None and (run_dir / "config.yaml").exists():  # checkpoints before the config

@@ -53,22 +53,27 @@ def load_math_jsonl(path: str | Path, *, template: str = DEFAULT_PROMPT_TEMPLATE
     if not p.is_file():
         raise DataError(f"{p}: no such task file; make one with tools/prepare_math_data.py")
     out: list[MathProblem] = []
-    with open(p, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{n}: not JSON ({e.msg}); the file must be jsonl from "
-                                "tools/prepare_math_data.py") from None
-            prompt, answer = row.get("prompt") if isinstance(row, dict) else None, \
-                row.get("answer") if isinstance(row, dict) else None
-            if not isinstance(prompt, str) or not prompt.strip() or answer in (None, ""):
-                raise DataError(f"{p}:{n}: needs a non-empty string 'prompt' and an 'answer' "
-                                f"(got keys {sorted(row) if isinstance(row, dict) else type(row).__name__})")
-            out.append(MathProblem(prompt, str(answer), source or row.get("source") or p.stem,
-                                   template))
+    try:
+        lines = p.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line_no = p.read_bytes()[:e.start].count(b"\n") + 1
+        raise DataError(f"{p}:{line_no}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the "
+                        "file as UTF-8 (tools/prepare_math_data.py writes it so)") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{n}: not JSON ({e.msg}); the file must be jsonl from "
+                            "tools/prepare_math_data.py") from None
+        prompt, answer = row.get("prompt") if isinstance(row, dict) else None, \
+            row.get("answer") if isinstance(row, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip() or answer in (None, ""):
+            raise DataError(f"{p}:{n}: needs a non-empty string 'prompt' and an 'answer' "
+                            f"(got keys {sorted(row) if isinstance(row, dict) else type(row).__name__})")
+        out.append(MathProblem(prompt, str(answer), source or row.get("source") or p.stem,
+                               template))
     if not out:
         raise DataError(f"{p}: no problems in the file")
     return out

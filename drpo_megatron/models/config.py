@@ -26,40 +26,40 @@ class ArchConfig(Section):
 
     architecture: str = ""
     """HF architecture name, e.g. Qwen3MoeForCausalLM."""
-    hidden_size: int = 0
+    hidden_size: int = Field(default=0, ge=0)
     """Hidden size."""
-    num_hidden_layers: int = 0
+    num_hidden_layers: int = Field(default=0, ge=0)
     """Transformer layers."""
-    num_attention_heads: int = 0
+    num_attention_heads: int = Field(default=0, ge=0)
     """Query heads."""
-    num_key_value_heads: int = 0
+    num_key_value_heads: int = Field(default=0, ge=0)
     """Key/value heads."""
-    head_dim: int = 0
+    head_dim: int = Field(default=0, ge=0)
     """Per-head dimension (0: hidden_size / num_attention_heads)."""
-    vocab_size: int = 0
+    vocab_size: int = Field(default=0, ge=0)
     """Vocabulary size."""
-    intermediate_size: int = 0
+    intermediate_size: int = Field(default=0, ge=0)
     """Dense FFN size."""
-    num_experts: int = 0
+    num_experts: int = Field(default=0, ge=0)
     """Routed experts per MoE layer (0: dense)."""
-    num_experts_per_tok: int = 0
+    num_experts_per_tok: int = Field(default=0, ge=0)
     """Experts per token (top-k)."""
-    moe_intermediate_size: int = 0
+    moe_intermediate_size: int = Field(default=0, ge=0)
     """FFN size of one expert."""
-    shared_expert_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = Field(default=0, ge=0)
     """FFN size of the shared expert (0: none)."""
     tie_word_embeddings: bool = False
     """LM head shares the embedding matrix."""
-    full_attention_interval: int = 1
+    full_attention_interval: int = Field(default=1, ge=1)
     """Qwen3.5 hybrid: every full_attention_interval-th layer is full attention, the others Gated
     DeltaNet (planned with the linear_* head numbers). 1 = every layer full attention."""
-    linear_num_key_heads: int = 0
+    linear_num_key_heads: int = Field(default=0, ge=0)
     """Gated DeltaNet key heads."""
-    linear_num_value_heads: int = 0
+    linear_num_value_heads: int = Field(default=0, ge=0)
     """Gated DeltaNet value heads."""
-    linear_key_head_dim: int = 0
+    linear_key_head_dim: int = Field(default=0, ge=0)
     """Gated DeltaNet key head dimension."""
-    linear_value_head_dim: int = 0
+    linear_value_head_dim: int = Field(default=0, ge=0)
     """Gated DeltaNet value head dimension."""
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from drpo_megatron.data.arithmetic import make_problems
+from pydantic import Field
+
 from drpo_megatron.schema import Section
 
 log = logging.getLogger(__name__)
@@ -36,36 +38,36 @@ CHAT_TEMPLATE = (
 class TinyModelConfig(Section):
     """Architecture of the embedded Qwen3-MoE policy and its warm start."""
 
-    hidden_size: int = 128
+    hidden_size: int = Field(default=128, ge=1)
     """Hidden size of the embedded policy."""
-    num_layers: int = 2
+    num_layers: int = Field(default=2, ge=1)
     """Transformer layers (each one MoE)."""
-    num_heads: int = 4
+    num_heads: int = Field(default=4, ge=1)
     """Attention heads."""
-    num_kv_heads: int = 2
+    num_kv_heads: int = Field(default=2, ge=1)
     """Key/value heads (grouped-query attention)."""
-    head_dim: int = 32
+    head_dim: int = Field(default=32, ge=1)
     """Per-head dimension."""
-    num_experts: int = 4
+    num_experts: int = Field(default=4, ge=1)
     """Routed experts per MoE layer."""
-    top_k: int = 2
+    top_k: int = Field(default=2, ge=1)
     """Experts each token is routed to."""
-    moe_intermediate_size: int = 128
+    moe_intermediate_size: int = Field(default=128, ge=1)
     """FFN size of one expert."""
-    max_position_embeddings: int = 256
+    max_position_embeddings: int = Field(default=256, ge=1)
     """Longest sequence (prompt + response) the policy supports."""
     seed: int = 1234
     """Seed of the random initialisation and of the warm start."""
-    sft_steps: int = 300
+    sft_steps: int = Field(default=300, ge=0)
     """SFT warm start steps: imitate a *noisy teacher* whose answer is right with probability
     1 - sft_label_noise and otherwise off by 1 or 2 (redrawn every time a problem is seen). The
     policy learns the format and puts the right answer as its mode, but samples it only about
     half the time at temperature 1: the headroom RL has to close."""
-    sft_batch_size: int = 64
+    sft_batch_size: int = Field(default=64, ge=1)
     """Sequences per SFT step."""
-    sft_lr: float = 3e-3
+    sft_lr: float = Field(default=3e-3, gt=0)
     """SFT learning rate (AdamW)."""
-    sft_label_noise: float = 0.5
+    sft_label_noise: float = Field(default=0.5, ge=0, le=1)
     """Probability that the noisy teacher's answer is off by 1 or 2."""
 
     def cache_key(self, max_operand: int) -> str:

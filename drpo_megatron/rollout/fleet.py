@@ -262,3 +262,37 @@ class Fleet:
     def stop(self) -> None:
         for s in self.servers:
             s.stop()
+
+
+class SingleServerFront(Fleet):
+    """The front of the default one-server run: whole batches go to the server as one request
+    (as without a fleet: the server batches them itself), and a server that died is restarted,
+    re-synced to the current weights, version-checked and given the batch again (up to
+    ``max_attempts``), as a :class:`Fleet` does for each of its servers."""
+
+    def generate(self, input_ids: list[list[int]], sampling_params: dict[str, Any] | list,
+                 *, return_logprob: bool = True, top_logprobs_num: int = 0) -> list[dict]:
+        s = self.servers[0]
+        self.watchdog()
+        aborts = 0
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                outs = s.generate(input_ids, sampling_params, return_logprob=return_logprob,
+                                  top_logprobs_num=top_logprobs_num)
+            except ServerError as e:
+                first = str(e).splitlines()[0]
+                if attempt >= self.max_attempts or self.is_healthy(s):
+                    raise  # the server is fine (a bad request) or keeps failing: no retry
+                log.warning("batch failed on %s (attempt %d): %s", s.name, attempt, first)
+                self.restart(s, f"request failed: {first[:200]}")
+                continue
+            if not aborted(outs):
+                return outs
+            aborts += 1  # a weight push paused the server mid-batch: re-issue it whole
+            attempt -= 1
+            self.reissued += 1
+            if aborts > self.max_aborts:
+                raise ServerError(f"{s.name}: batch aborted {aborts} times in a row (weight updates "
+                                  "keep pausing the server)")

@@ -34,7 +34,7 @@ from typing import Any, Callable, Literal, Sequence, get_args
 import requests
 
 from drpo_megatron.dist import free_port
-from drpo_megatron.rollout.fleet import Fleet
+from drpo_megatron.rollout.fleet import Fleet, SingleServerFront
 from drpo_megatron.rollout.server import (HEALTH_POLL_S, LOG_EVERY_S, ManagedProcess,
                                           ServerConfig, ServerError, SGLangServer, tail)
 
@@ -344,7 +344,7 @@ class RolloutSetup:
             return RouterFleet(self.router, self.servers, **kw)
         if len(self.servers) > 1:
             return Fleet(self.servers, **kw)
-        return self.servers[0]
+        return SingleServerFront(self.servers, **kw)  # restarts a dead server like a Fleet
 
     def stop(self) -> None:
         for s in self.servers:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -119,7 +120,10 @@ class ManagedProcess:
             fh.flush()
             # the SGLang server and sglang-router (which imports sglang) need the same CPU
             # environment, minus the trainer's torchrun variables
-            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
+            # tethered: the whole process group dies with this trainer (rollout/tether.py)
+            self.proc = subprocess.Popen([sys.executable, "-m", "drpo_megatron.rollout.tether",
+                                          str(os.getpid()), *cmd],
+                                         stdout=fh, stderr=subprocess.STDOUT,
                                          env=sglang_cpu.server_env(server_base_env()),
                                          start_new_session=True)
         return self
@@ -160,10 +164,14 @@ class ManagedProcess:
             time.sleep(HEALTH_POLL_S)
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        if self.external or self.proc is None or self.proc.poll() is not None:
+        if self.external or self.proc is None:
             return
-        import signal
-
+        if self.proc.poll() is not None:  # it died: leave none of its children behind
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            return
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=timeout_s)
