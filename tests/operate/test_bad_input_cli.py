@@ -235,7 +235,7 @@ def _resolved(run_dir: Path, *sets: str) -> dict:
     ("loss.name=pg_is", "loss.name: 'drpo' -> 'pg_is'"),
     ("model.tiny.hidden_size=64", "model.tiny.hidden_size: 128 -> 64"),
     ("optim.lr=2e-4", "optim.lr: 0.0001 -> 0.0002"),
-    ("parallel.ep=2", "parallel.ep: 1 -> 2"),
+    ("parallel.use_distributed_optimizer=false", "parallel.use_distributed_optimizer: True -> False"),
 ])
 def test_resume_with_a_different_run_is_refused_before_anything_is_overwritten(tmp_path, change, field):
     run = tmp_path / "run"
