@@ -1,4 +1,4 @@
-"""``drpo`` command line: train | dashboard | convert | plan | submit.
+"""``drpo`` command line: train | study | dashboard | convert | plan | submit.
 
 ``drpo train`` with no arguments runs the embedded CPU default (tiny Qwen3-MoE, arithmetic task,
 DRPO, one SGLang server on CPU).
@@ -76,8 +76,14 @@ def _submit(argv: list[str]) -> int:
     return submit_main(argv)
 
 
-COMMANDS = {"train": _train, "dashboard": _dashboard, "convert": _convert, "plan": _plan,
-            "submit": _submit}
+def _study(argv: list[str]) -> int:
+    from drpo_megatron.study import main as study_main
+
+    return study_main(argv)
+
+
+COMMANDS = {"train": _train, "study": _study, "dashboard": _dashboard, "convert": _convert,
+            "plan": _plan, "submit": _submit}
 
 
 def main(argv: list[str] | None = None) -> int:
