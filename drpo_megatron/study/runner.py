@@ -101,7 +101,7 @@ def run_state(run_dir: str | Path, max_steps: int) -> RunState:
     if not d.is_dir() or not any(p.name != RUN_CONFIG_FILE for p in d.iterdir()):
         return RunState("new")
     last = _last_logged_step(d / "metrics.jsonl")
-    ckpt = _checkpoint_step(d) if last is not None and last >= max_steps else None
+    ckpt = _checkpoint_step(d)
     if last is not None and last >= max_steps and ckpt is not None and ckpt >= max_steps:
         return RunState("finished", last, ckpt)
     return RunState("interrupted", last, ckpt)
