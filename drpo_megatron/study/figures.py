@@ -54,6 +54,7 @@ def write_figures(res: StudyResults, out_dir: str | Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -72,14 +73,16 @@ def write_figures(res: StudyResults, out_dir: str | Path) -> list[Path]:
                         marker="o" if len(c.steps) < 8 else None, ms=3)
                 ax.fill_between(c.steps, c.min, c.max, color=color, alpha=0.18, lw=0)
             ax.set_xlabel("step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel(label)
             if log and ax.has_data():
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
         if drew:
             axes[0].legend(fontsize=8, ncol=2)
-            fig.suptitle(f"{res.spec.name}: condition {cond} (mean over {len(res.spec.seeds)} "
-                         "seeds, band min–max)", fontsize=11)
+            n = len(res.spec.seeds)
+            fig.suptitle(f"{res.spec.name}: condition {cond} (mean over {n} seed"
+                         f"{'s' if n > 1 else ''}, band min–max)", fontsize=11)
             fig.tight_layout()
             p = out / f"{cond}.png"
             fig.savefig(p, dpi=DPI)
