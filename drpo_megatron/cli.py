@@ -1,4 +1,4 @@
-"""``drpo`` command line: train | config | dashboard | convert | plan | submit.
+"""``drpo`` command line: train | config | study | dashboard | convert | plan | submit.
 
 ``drpo train`` with no arguments runs the embedded CPU default (tiny Qwen3-MoE, arithmetic task,
 DRPO, one SGLang server on CPU).
@@ -98,6 +98,7 @@ def _config(argv: list[str]) -> int:
 
 
 def _dashboard(argv: list[str]) -> int:
+    import drpo_megatron.study  # noqa: F401 - registers the study page of `drpo dashboard DIR`
     from drpo_megatron import dashboard
 
     return dashboard.main(argv)
@@ -121,8 +122,14 @@ def _submit(argv: list[str]) -> int:
     return submit_main(argv)
 
 
-COMMANDS = {"train": _train, "config": _config, "dashboard": _dashboard, "convert": _convert, "plan": _plan,
-            "submit": _submit}
+def _study(argv: list[str]) -> int:
+    from drpo_megatron.study import main as study_main
+
+    return study_main(argv)
+
+
+COMMANDS = {"train": _train, "config": _config, "study": _study, "dashboard": _dashboard,
+            "convert": _convert, "plan": _plan, "submit": _submit}
 
 
 def _log_to_files(msg: str) -> None:

@@ -3,6 +3,8 @@
     drpo dashboard runs/bf16 runs/fp8 -o report.html
     drpo dashboard runs/bf16 --serve --port 8765     # http://127.0.0.1:8765/ , reloads on change
     python -m drpo_megatron.dashboard ...            # same
+    drpo dashboard STUDY_DIR                         # a `drpo study` directory: the study page
+                                                     # (STUDY_DIR/report.html + figures/*.png)
 
 A run directory holds ``config.yaml``, ``metrics.jsonl`` and optionally ``histograms.jsonl``
 (see :mod:`drpo_megatron.mismatch.writers`). Directories without metrics yet are shown as
@@ -18,7 +20,8 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 from .data import load_runs, run_signature
 from .report import build_report
@@ -27,19 +30,69 @@ from .svg import PALETTE
 __all__ = ["main", "render", "make_server", "build_parser"]
 
 DEFAULT_PORT = 8765
+DEFAULT_TITLE = "DRPO mismatch report"
 #: Seconds between the live page's checks for new data (cheap: a stat() per file).
 DEFAULT_REFRESH_S = 5.0
 
 
-def render(run_dirs: list, *, title: str = "DRPO mismatch report", window: int = 0,
+@dataclass
+class DirectoryPage:
+    """A page for a directory that is not one run (a plug-in point: ``drpo_megatron.study``
+    registers the study page; the dashboard imports nothing above it).
+
+    ``detect(dir)``: this page handles ``dir``; ``render(dir, title, live_interval_s, version)``
+    -> HTML (``title`` None = the page's own); ``signature(dir)``: changes when the page would;
+    ``after_write(dir, figures)`` -> lines to print after the HTML was written (e.g. PNGs)."""
+
+    name: str
+    detect: Callable[[Path], bool]
+    render: Callable[..., str]
+    signature: Callable[[Path], object]
+    after_write: Callable[[Path, bool], list] = lambda d, figures: []
+
+
+#: the registered directory pages, asked in order
+DIRECTORY_PAGES: list[DirectoryPage] = []
+
+
+def register_directory_page(page: DirectoryPage) -> None:
+    if all(p.name != page.name for p in DIRECTORY_PAGES):
+        DIRECTORY_PAGES.append(page)
+
+
+def directory_page(run_dirs: list) -> Optional[tuple[DirectoryPage, Path]]:
+    """The registered page for ``run_dirs`` when it is one directory such a page handles."""
+    if len(run_dirs) != 1:
+        return None
+    d = Path(run_dirs[0])
+    return next(((p, d) for p in DIRECTORY_PAGES if p.detect(d)), None)
+
+
+def study_dir(run_dirs: list) -> Optional[Path]:
+    """The directory when ``run_dirs`` is one directory a registered page handles (a study)."""
+    found = directory_page(run_dirs)
+    return found[1] if found is not None else None
+
+
+def render(run_dirs: list, *, title: str = DEFAULT_TITLE, window: int = 0,
            live_interval_s: Optional[float] = None, version: str = "") -> str:
+    found = directory_page(run_dirs)
+    if found is not None:
+        page, d = found
+        return page.render(d, title=None if title == DEFAULT_TITLE else title,
+                           live_interval_s=live_interval_s, version=version)
     runs = load_runs(run_dirs, PALETTE)
     return build_report(runs, title=title, window=window, live_interval_s=live_interval_s,
                         version=version)
 
 
 def _version(run_dirs: list) -> str:
-    return hashlib.sha1(repr(run_signature(run_dirs)).encode()).hexdigest()[:16]
+    found = directory_page(run_dirs)
+    if found is not None:
+        sig = found[0].signature(found[1])
+    else:
+        sig = run_signature(run_dirs)
+    return hashlib.sha1(repr(sig).encode()).hexdigest()[:16]
 
 
 def _write(path: Path, text: str) -> None:
@@ -69,7 +122,7 @@ class _LiveReport:
 
 
 def make_server(run_dirs: list, *, port: int = DEFAULT_PORT, output: Optional[Path] = None,
-                refresh_s: float = DEFAULT_REFRESH_S, title: str = "DRPO mismatch report",
+                refresh_s: float = DEFAULT_REFRESH_S, title: str = DEFAULT_TITLE,
                 window: int = 0, quiet: bool = True) -> http.server.ThreadingHTTPServer:
     """An HTTP server on 127.0.0.1:``port`` (0 = any free port; see ``server.server_port``)
     serving ``/`` (the live report) and ``/__version`` (changes when the data changes)."""
@@ -112,10 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "directories (overlaying runs, e.g. BF16 vs FP8 rollout vs FP8 end-to-end).")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
                    help="run directory with config.yaml and metrics.jsonl (histograms.jsonl "
-                        "optional)")
-    p.add_argument("-o", "--output", default="report.html",
-                   help="HTML file to write (default: %(default)s)")
-    p.add_argument("--title", default="DRPO mismatch report", help="page title")
+                        "optional), or one `drpo study` directory (it holds study.yaml): the "
+                        "study page, per condition each method's curves as mean and spread over "
+                        "seeds and the summary table")
+    p.add_argument("-o", "--output", default=None,
+                   help="HTML file to write (default: report.html; for a study directory "
+                        "STUDY_DIR/report.html)")
+    p.add_argument("--no-figures", action="store_true",
+                   help="study directory: do not write the PNG figures to STUDY_DIR/figures/")
+    p.add_argument("--title", default=DEFAULT_TITLE, help="page title")
     p.add_argument("--window", type=int, default=0,
                    help="bar charts average the last N steps of each run (default 0 = all)")
     p.add_argument("--serve", action="store_true",
@@ -135,11 +193,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("not a run directory: " + ", ".join(missing))
     if args.window < 0 or args.refresh <= 0:
         parser.error("--window must be >= 0 and --refresh > 0")
-    out = Path(args.output)
+    study = study_dir(args.runs)
+    out = Path(args.output or (study / "report.html" if study is not None else "report.html"))
     if not args.serve:
         html = render(args.runs, title=args.title, window=args.window)
         _write(out, html)
-        print(f"wrote {out} ({len(html) / 1024:.0f} KiB, {len(args.runs)} run(s))")
+        if study is None:
+            print(f"wrote {out} ({len(html) / 1024:.0f} KiB, {len(args.runs)} run(s))")
+            return 0
+        print(f"wrote {out} ({len(html) / 1024:.0f} KiB, study {study})")
+        for line in directory_page(args.runs)[0].after_write(study, not args.no_figures):
+            print(line)
         return 0
     server = make_server(args.runs, port=args.port, output=out, refresh_s=args.refresh,
                          title=args.title, window=args.window, quiet=True)

@@ -198,72 +198,71 @@ def _get(cfg: Any, dotted: str) -> Any:
     return cur
 
 
-def _is_fp8(v: Any) -> Optional[bool]:
-    """True / False when the value says something about FP8, None when it says nothing."""
-    if v is None:
-        return None
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, str):
-        s = v.lower()
-        if "fp8" in s or "e4m3" in s or "float8" in s:
-            return True
-        if s in ("bf16", "bfloat16", "fp16", "float16", "fp32", "float32", "none", "false", "off", ""):
-            return False
-        return None
-    if isinstance(v, dict):
-        for k in ("enabled", "enable", "fp8"):
-            if k in v:
-                return _is_fp8(v[k])
-        return bool(v)
-    return None
+#: ``rollout.precision`` values (weights/hf_export.py ROLLOUT_PRECISIONS) as legend words.
+ROLLOUT_PRECISION_LABELS = {
+    "bf16": "BF16",
+    "fp8": "FP8 rollout",
+    "fp8_emulated": "FP8 rollout (emulated)",
+    "nvfp4_emulated": "NVFP4 rollout (emulated)",
+    "mxfp4_emulated": "MXFP4 rollout (emulated)",
+}
+#: Loss parameter names shown as symbols in the legend (``loss.params``).
+PARAM_SYMBOLS = {"delta": "δ", "epsilon": "ε"}
+
+
+def _describe_precision(cfg: dict) -> str:
+    """From ``rollout.precision`` and ``model.fp8`` (FP8 training; "" = off): the
+    ``ROLLOUT_PRECISION_LABELS`` word ("BF16", "FP8 rollout", "NVFP4 rollout (emulated)", ...;
+    unknown values upper-cased), "FP8 end-to-end" for FP8 training with an FP8 rollout,
+    "FP8 training, <rollout word>" otherwise with FP8 training; "" when the config names
+    neither."""
+    rp = _get(cfg, "rollout.precision")
+    train_fp8 = _get(cfg, "model.fp8")
+    train_fp8 = isinstance(train_fp8, str) and bool(train_fp8)
+    if not isinstance(rp, str) or not rp:
+        return "FP8 training" if train_fp8 else ""
+    word = ROLLOUT_PRECISION_LABELS.get(rp, rp.upper())
+    if not train_fp8:
+        return word
+    return "FP8 end-to-end" if rp == "fp8" else f"FP8 training, {word} rollout" if rp == "bf16" \
+        else f"FP8 training, {word}"
+
+
+def _describe_loss(cfg: dict) -> str:
+    """``loss.name`` with its ``loss.params``, e.g. "drpo (δ=12.5)",
+    "ppo_clip (eps_low=0.2, eps_high=0.28)"."""
+    name = _get(cfg, "loss.name")
+    if not isinstance(name, str) or not name:
+        return ""
+    params = _get(cfg, "loss.params")
+    if not isinstance(params, dict) or not params:
+        return name
+    parts = []
+    for k, v in params.items():
+        sym = PARAM_SYMBOLS.get(k, k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            parts.append(f"{sym}={v}")
+        else:
+            parts.append(f"{sym}={v:g}")
+    return f"{name} ({', '.join(parts)})"
 
 
 def describe_config(cfg: dict) -> dict[str, str]:
-    """Legend fields from a resolved config: name, model, loss (with its delta when set in
-    ``loss.params.delta`` or ``loss.delta``), precision ('' if unknown).
-
-    precision: "FP8 end-to-end" (FP8 training and FP8 rollout), "FP8 rollout", "FP8 training",
-    or the rollout precision upper-cased (e.g. "BF16")."""
+    """Legend fields from a run's resolved ``config.yaml`` (``RunConfig.to_dict()``): ``name``;
+    ``model``: the last two parts of ``model.hf_path``, or "built-in tiny model" when it is
+    empty; ``loss``: ``loss.name`` with ``loss.params``; ``precision``: see
+    :func:`_describe_precision`.  Missing keys give ''."""
     cfg = cfg if isinstance(cfg, dict) else {}
     name = _get(cfg, "name")
-    model = _get(cfg, "model.name") or _get(cfg, "model.hf_path") or _get(cfg, "model.path")
-    if not model and isinstance(_get(cfg, "model.tiny"), dict):
+    hf = _get(cfg, "model.hf_path")
+    if isinstance(hf, str) and hf:
+        model = "/".join(hf.rstrip("/").split("/")[-2:]) if hf.count("/") > 1 else hf
+    elif hf == "" or isinstance(_get(cfg, "model.tiny"), dict):
         model = "built-in tiny model"
-    if isinstance(model, str) and model.count("/") > 1:
-        model = "/".join(model.rstrip("/").split("/")[-2:])
-    loss = _get(cfg, "loss.name") or (_get(cfg, "loss") if isinstance(_get(cfg, "loss"), str) else None)
-    rp = _get(cfg, "rollout.precision")
-    r8 = _is_fp8(_get(cfg, "rollout.fp8"))
-    if r8 is None:
-        r8 = _is_fp8(rp)
-    t8 = None
-    for k in ("training.fp8", "train.fp8", "trainer.fp8", "model.fp8", "training.precision",
-              "train.precision", "precision"):
-        t8 = _is_fp8(_get(cfg, k))
-        if t8 is not None:
-            break
-    if r8 and t8:
-        prec = "FP8 end-to-end"
-    elif r8:
-        prec = "FP8 rollout"
-    elif t8:
-        prec = "FP8 training"
-    elif isinstance(rp, str) and rp:
-        prec = rp.upper()
-    elif isinstance(_get(cfg, "model.dtype"), str) and _get(cfg, "model.dtype"):
-        prec = str(_get(cfg, "model.dtype")).upper()  # no FP8 anywhere: the model's dtype
-    elif r8 is False or t8 is False:
-        prec = "BF16"
     else:
-        prec = ""
-    delta = _get(cfg, "loss.params.delta")
-    if delta is None:
-        delta = _get(cfg, "loss.delta")
-    if loss and isinstance(delta, (int, float)) and not isinstance(delta, bool):
-        loss = f"{loss} (δ={delta:g})"
-    return {"name": str(name) if name is not None else "", "model": str(model or ""),
-            "loss": str(loss or ""), "precision": prec}
+        model = ""
+    return {"name": str(name) if name is not None else "", "model": model,
+            "loss": _describe_loss(cfg), "precision": _describe_precision(cfg)}
 
 
 def _load_config(run: Run, path: Path) -> None:

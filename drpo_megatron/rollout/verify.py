@@ -17,7 +17,9 @@ an fp32 HF forward of the pushed weights, up to 0.03 on greedy and 0.07 on sampl
 (bf16 carries 8 mantissa bits: logits of size ~10 round by ~0.04).  A stale or partial update
 moves log-probs by O(1).  Defaults: bf16 0.15; ``fp8_emulated`` / ``fp8`` 0.5 (the server holds
 128x128 blockwise e4m3 weights, relative weight error up to 2**-4, while the trainer keeps the
-unquantized ones).
+unquantized ones); ``nvfp4_emulated`` / ``mxfp4_emulated`` 1.0 (4-bit weights: on the warm-started
+tiny model vs its fp32 forward, max |dlogp| 0.38 / 0.27 and mean 0.0037 / 0.0058 over 419 sampled
+tokens; bf16 0.017 / 0.0004, fp8_emulated 0.032 / 0.0010).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from drpo_megatron.samples import Sample
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ATOL = {"bf16": 0.15, "fp8_emulated": 0.5, "fp8": 0.5}
+DEFAULT_ATOL = {"bf16": 0.15, "fp8_emulated": 0.5, "fp8": 0.5, "nvfp4_emulated": 1.0,
+                "mxfp4_emulated": 1.0}
 PROBE_MAX_NEW_TOKENS = 8
 PROBE_SAMPLES = 4
 PROBE_SEED = 1234

@@ -7,6 +7,9 @@ atomically, with an optional per-precision transform (FP8 blockwise or FP8 emula
 * ``fp8_emulated``: 128x128 blockwise e4m3 quantize-then-dequantize of every linear weight
   (router, embeddings, LM head and norms untouched): the server runs in BF16 but carries exactly
   the FP8 weight error.  The CPU stand-in for FP8 rollouts.
+* ``nvfp4_emulated`` / ``mxfp4_emulated``: the same modules quantize-then-dequantized to 4 bits
+  (e2m1 values; NVFP4: an e4m3 scale per 16 elements and an fp32 per-tensor scale; MXFP4: a
+  power-of-two E8M0 scale per 32; ``weights/fp4.py``): a harsher emulated mismatch.
 * ``fp8``: the FP8 checkpoint layout SGLang's ``fp8`` loader reads (``X.weight`` e4m3 +
   ``X.weight_scale_inv`` fp32, ``quantization_config`` in config.json).  Needs a GPU server.
 """
@@ -21,10 +24,10 @@ from typing import Callable, get_args, Iterable, Iterator, Literal
 
 import torch
 
-from drpo_megatron.weights import fp8
+from drpo_megatron.weights import fp4, fp8
 
 #: rollout.precision: the weights the rollout servers run (see :func:`precision_transform`)
-RolloutPrecision = Literal["bf16", "fp8_emulated", "fp8"]
+RolloutPrecision = Literal["bf16", "fp8_emulated", "nvfp4_emulated", "mxfp4_emulated", "fp8"]
 ROLLOUT_PRECISIONS = get_args(RolloutPrecision)
 SHARD_BYTES = 2 * 1024 ** 3  # safetensors shard size (HF's common 2 GB)
 # Non-weight files copied from the source checkpoint (tokenizer, chat template, ...).
@@ -35,6 +38,8 @@ def precision_transform(precision: str) -> Callable[[Iterable], Iterator] | None
     if precision not in ROLLOUT_PRECISIONS:
         raise ValueError(f"rollout.precision={precision!r}: choose one of {list(ROLLOUT_PRECISIONS)}")
     return {"bf16": None, "fp8_emulated": fp8.emulate_fp8_named_tensors,
+            "nvfp4_emulated": fp4.emulate_nvfp4_named_tensors,
+            "mxfp4_emulated": fp4.emulate_mxfp4_named_tensors,
             "fp8": fp8.quantize_named_tensors}[precision]
 
 

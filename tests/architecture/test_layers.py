@@ -24,7 +24,8 @@ LAYERS = [
     {"rollout"},                                   # SGLang servers, router, generation
     {"weights"},                                   # transports, pause/verify/resync around them
     {"config"},                                    # the run-config tree
-    {"convert", "operate", "dashboard", "study"},  # offline tools and operations
+    {"convert", "operate", "dashboard"},           # offline tools and operations
+    {"study"},                                     # grids of runs (its page plugs into dashboard)
     {"run"},                                       # builds a run's components
     {"trainer"},                                   # the loop
     {"cli", "__main__"},                           # the command line

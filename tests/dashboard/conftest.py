@@ -12,19 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from _run_configs import resolved_config
 
 from drpo_megatron.mismatch import compute_mismatch_metrics, mismatch_histogram_tensors
 from drpo_megatron.mismatch.writers import JsonlWriter
 
+QWEN = "/models/Qwen/Qwen3-30B-A3B-Base"
 # name -> (config, log-prob noise std, rollout seconds per step)
 RUNS = {
-    "bf16": ({"name": "bf16", "model": {"name": "Qwen3-30B-A3B-Base"}, "loss": {"name": "drpo"},
-              "rollout": {"precision": "bf16"}}, 0.01, 6.0),
-    "fp8-rollout": ({"name": "fp8-rollout", "model": {"hf_path": "/models/Qwen/Qwen3-30B-A3B-Base"},
-                     "loss": {"name": "drpo"}, "rollout": {"fp8": True}}, 0.06, 4.0),
-    "fp8-e2e": ({"name": "fp8-e2e", "model": {"name": "Qwen3-30B-A3B-Base"},
-                 "loss": {"name": "drpo", "params": {"delta": 0.5}}, "rollout": {"fp8": True},
-                 "training": {"fp8": "e4m3-blockwise"}}, 0.035, 4.0),
+    "bf16": (resolved_config("bf16", hf_path=QWEN, dtype="bf16"), 0.01, 6.0),
+    "fp8-rollout": (resolved_config("fp8-rollout", hf_path=QWEN, dtype="bf16", precision="fp8"),
+                    0.06, 4.0),
+    "fp8-e2e": (resolved_config("fp8-e2e", hf_path=QWEN, dtype="bf16", fp8="blockwise",
+                                precision="fp8", params={"delta": 0.5}), 0.035, 4.0),
 }
 
 
@@ -35,7 +35,7 @@ def make_run(root: Path, key: str, steps: int = 12, tokens: int = 256, seed: int
     cfg, noise, rollout_s = RUNS[key]
     d = root / key
     d.mkdir(parents=True, exist_ok=True)
-    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     g = torch.Generator().manual_seed(seed)
     w = JsonlWriter(d)
     delta = float(cfg["loss"].get("params", {}).get("delta", 12.5))

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import math
 
+from _run_configs import resolved_config
+
+from drpo_megatron.config import RunConfig
 from drpo_megatron.dashboard.data import describe_config, load_run, load_runs, run_signature
 from drpo_megatron.dashboard.svg import PALETTE
+from drpo_megatron.weights.hf_export import ROLLOUT_PRECISIONS
 
 
 def _write(path, rows, tail=""):
@@ -56,32 +60,43 @@ def test_resume_replaces_the_later_timeline(tmp_path):
 
 
 def test_config_legend_fields(tmp_path):
-    assert describe_config({"name": "a", "model": {"hf_path": "/ckpt/Qwen/Qwen3-4B-Base"},
-                            "loss": {"name": "drpo"}, "rollout": {"fp8": True},
-                            "training": {"fp8": "e4m3"}}) == {
-        "name": "a", "model": "Qwen/Qwen3-4B-Base", "loss": "drpo", "precision": "FP8 end-to-end"}
-    assert describe_config({"rollout": {"fp8": {"enabled": True}}})["precision"] == "FP8 rollout"
-    assert describe_config({"rollout": {"precision": "fp8"}})["precision"] == "FP8 rollout"
-    assert describe_config({"rollout": {"precision": "bf16"}})["precision"] == "BF16"
-    assert describe_config({"rollout": {"fp8": False}})["precision"] == "BF16"
-    assert describe_config({"model": {"dtype": "bf16", "tiny": {}}}) == {
-        "name": "", "model": "built-in tiny model", "loss": "", "precision": "BF16"}
-    assert describe_config({"model": {"dtype": "bf16"}, "rollout": {"fp8": True}})["precision"] == "FP8 rollout"
+    """The legend reads the real schema (name, model.hf_path, model.fp8, rollout.precision,
+    loss.name / loss.params) of resolved configs, as drpo train writes them."""
+    e2e = resolved_config("a", hf_path="/ckpt/Qwen/Qwen3-4B-Base", dtype="bf16", fp8="blockwise",
+                          precision="fp8")
+    assert describe_config(e2e) == {"name": "a", "model": "Qwen/Qwen3-4B-Base",
+                                    "loss": "drpo (δ=12.5)", "precision": "FP8 end-to-end"}
+    want = {"bf16": "BF16", "fp8": "FP8 rollout", "fp8_emulated": "FP8 rollout (emulated)",
+            "nvfp4_emulated": "NVFP4 rollout (emulated)",
+            "mxfp4_emulated": "MXFP4 rollout (emulated)"}
+    assert set(want) == set(ROLLOUT_PRECISIONS)  # every precision a run can have has a word
+    for precision, word in want.items():
+        cfg = resolved_config("r", precision=precision)
+        assert describe_config(cfg)["precision"] == word
+    fp8_train = resolved_config("t", hf_path="/m/x", dtype="bf16", fp8="blockwise")
+    assert describe_config(fp8_train)["precision"] == "FP8 training, BF16 rollout"
+    # the embedded default: empty hf_path = the built-in tiny model
+    assert describe_config(RunConfig().to_dict()) == {
+        "name": "embedded-cpu-drpo", "model": "built-in tiny model", "loss": "drpo (δ=12.5)",
+        "precision": "BF16"}
+    losses = [("ppo_clip", {"eps_low": 0.2, "eps_high": 0.28}, "ppo_clip (eps_low=0.2, eps_high=0.28)"),
+              ("spo", {"epsilon": 12.5}, "spo (ε=12.5)"), ("cispo", {}, "cispo"),
+              ("pg_is", {}, "pg_is"), ("dppo_kl", {"delta": 0.05}, "dppo_kl (δ=0.05)")]
+    for name, params, word in losses:
+        assert describe_config(resolved_config("l", loss=name, params=params))["loss"] == word
     assert describe_config({}) == {"name": "", "model": "", "loss": "", "precision": ""}
     assert describe_config(None)["precision"] == ""  # type: ignore[arg-type]
-    assert describe_config({"model": {"name": "m"}, "loss": "grpo"})["loss"] == "grpo"
-    assert describe_config({"loss": {"name": "drpo", "params": {"delta": 12.5}}})["loss"] == "drpo (δ=12.5)"
 
     a, b, c = (tmp_path / n for n in "abc")
     for d in (a, b, c):
         d.mkdir()
-    (a / "config.yaml").write_text("name: same\nmodel: {name: tiny-moe}\n")
+    (a / "config.yaml").write_text("name: same\nmodel: {hf_path: /m/org/tiny-moe}\n")
     (b / "config.yaml").write_text("name: same\n")
     (c / "config.yaml").write_text("name: [unclosed\n")
     runs = load_runs([a, b, c], PALETTE)
     assert [r.label for r in runs] == ["same", "same (2)", "c"]
     assert [r.color for r in runs] == list(PALETTE[:3])
-    assert runs[0].info["model"] == "tiny-moe"
+    assert runs[0].info["model"] == "org/tiny-moe"
     assert any("unreadable" in p for p in runs[2].problems)
     assert any("no metrics.jsonl" in p for p in runs[2].problems)
     sig = run_signature([a])

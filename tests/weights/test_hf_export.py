@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from drpo_megatron.weights import fp8
-from drpo_megatron.weights.hf_export import write_hf_checkpoint
+from drpo_megatron.weights import fp4, fp8
+from drpo_megatron.weights.hf_export import ROLLOUT_PRECISIONS, write_hf_checkpoint
 
 
 @pytest.fixture
@@ -54,6 +54,26 @@ def test_fp8_emulated_quantizes_only_linear_weights(tmp_path, source):
             assert torch.equal(got[name], ref) and not torch.equal(got[name], t), name
         else:
             assert torch.equal(got[name], t), name  # router, embeddings, norms untouched
+
+
+@pytest.mark.parametrize("precision,fmt", [("nvfp4_emulated", "nvfp4"), ("mxfp4_emulated", "mxfp4")])
+def test_fp4_emulated_quantizes_only_linear_weights(tmp_path, source, precision, fmt):
+    out = write_hf_checkpoint(iter(_named()), tmp_path / "e4", source_dir=source,
+                              precision=precision)
+    got = load_file(str(out / "model.safetensors"))
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    for name, t in _named():
+        if name.endswith(("q_proj.weight", "down_proj.weight")):
+            ref = fp4.dequantize_fp4(fp4.quantize_fp4(t, fmt), dtype=t.dtype)
+            assert torch.equal(got[name], ref) and not torch.equal(got[name], t), name
+        else:
+            assert torch.equal(got[name], t), name  # router, embeddings, norms untouched
+
+
+def test_every_rollout_precision_has_a_sync_check_tolerance():
+    from drpo_megatron.rollout.verify import DEFAULT_ATOL
+
+    assert set(ROLLOUT_PRECISIONS) <= set(DEFAULT_ATOL)
 
 
 def test_fp8_layout_and_config(tmp_path, source):
