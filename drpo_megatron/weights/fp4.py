@@ -49,7 +49,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from drpo_megatron.weights.fp8 import FP8_E4M3_MAX, is_fp8_quantizable
+from drpo_megatron.weights.fp8 import FP8_E4M3_MAX, emulate_named_tensors
 
 __all__ = [
     "E2M1_MAX",
@@ -214,14 +214,7 @@ def emulate_fp4_named_tensors(named: Iterable[tuple[str, torch.Tensor]], fmt: st
     """FP4 emulation for rollouts: quantizable weights (the FP8 rule) are replaced by their
     quantize-then-dequantize value in their own dtype; every other tensor is yielded as is."""
     _check_fmt(fmt)
-    for name, t in named:
-        if is_fp8_quantizable(name, t):
-            try:
-                yield name, fake_quantize_fp4(t, fmt)
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from e
-        else:
-            yield name, t
+    yield from emulate_named_tensors(named, lambda t: fake_quantize_fp4(t, fmt))
 
 
 def emulate_nvfp4_named_tensors(named: Iterable[tuple[str, torch.Tensor]]

@@ -64,7 +64,7 @@ whole tensor.  e4m3 -> fp32 decoding on CPU goes through an exact bit remapping 
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -310,10 +310,19 @@ def emulate_fp8_named_tensors(named: Iterable[tuple[str, torch.Tensor]],
     """FP8 emulation for rollouts that cannot run FP8 kernels (CPU without AMX): quantizable
     weights are replaced by their quantize-then-dequantize value in their own dtype (the
     rollout carries the FP8 weight error), every other tensor is yielded as is (same object)."""
+    yield from emulate_named_tensors(named, lambda t: fake_quantize_blockwise(t, block))
+
+
+def emulate_named_tensors(named: Iterable[tuple[str, torch.Tensor]],
+                          fake_quantize: Callable[[torch.Tensor], torch.Tensor],
+                          ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``fake_quantize`` applied to the quantizable weights (:func:`is_fp8_quantizable`: the
+    rule every emulated low-precision rollout shares), every other tensor yielded as is; a
+    weight that cannot be quantized raises naming it."""
     for name, t in named:
         if is_fp8_quantizable(name, t):
             try:
-                yield name, fake_quantize_blockwise(t, block)
+                yield name, fake_quantize(t)
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from e
         else:
