@@ -178,6 +178,11 @@ class RolloutConfig:
     # workers, pushes weights to each of them and generates through the router.  Precedence:
     # this field when set, else env DRPO_ROUTER_URL (set by the SLURM template), else none.
     router_url: str | None = None
+    # The 0600 file holding the API key of engines somebody else runs (router_url): sent as
+    # "Authorization: Bearer" on every request (rollout/auth.py, docs/operate.md Security).
+    # Precedence: this field, else env DRPO_API_KEY_FILE; servers drpo launches itself get a new
+    # per-run key in <output_dir>/secrets/api_key when neither is set.
+    api_key_file: str | None = None
     max_attempts: int = 3  # per request, across servers
     server: ServerConfig = field(default_factory=ServerConfig)
 
@@ -451,6 +456,12 @@ def validate(cfg: RunConfig) -> None:
     if r.router_url and r.router == "client":
         raise ConfigError(f"rollout.router_url={r.router_url!r} with rollout.router='client': an "
                           "external router needs rollout.router: sglang-router")
+    if r.api_key_file is not None and not gpu_target:  # on a cluster: checked where it runs
+        from drpo_megatron.rollout.auth import ApiKeyError, read_key_file
+        try:
+            read_key_file(r.api_key_file, "rollout.api_key_file")
+        except ApiKeyError as e:
+            raise ConfigError(str(e)) from None
     if r.verify_sync_atol is not None and r.verify_sync_atol <= 0:
         raise ConfigError(f"rollout.verify_sync_atol={r.verify_sync_atol} must be > 0 (or null for "
                           "the per-precision default)")

@@ -377,7 +377,8 @@ def build_components(cfg: RunConfig) -> Components:
     from drpo_megatron.training.flops import FlopsModel, device_peak_flops
     from drpo_megatron.training.ranks import world_size
 
-    rollout = rr.RolloutSetup(cfg.rollout, policy, server_logs, driver)
+    rollout = rr.RolloutSetup(cfg.rollout, policy, server_logs, driver,
+                              api_key=rr.rollout_api_key(cfg.rollout, run_dir) if driver else None)
     transport = None
     try:  # whatever fails from here on, the servers and the router we started are stopped
         rollout.start()
