@@ -46,6 +46,9 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from drpo_megatron.models.safe_state import (check_dcp_metadata, load_plain, plain_rng_states,
+                                             restore_rng_states)
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -465,7 +468,8 @@ def save_megatron_checkpoint(
 ) -> Path:
     """Save model (+ optimizer when given) with ``dist_checkpointing`` (torch_dist format).
 
-    ``extra_state``: a picklable dict (trainer state: data cursor, RNG states ...) that rank 0
+    ``extra_state``: a dict of tensors and plain Python types (trainer state: data cursor ...;
+    it is loaded with ``weights_only=True``) that rank 0
     writes as ``trainer_state.pt`` into the same directory before it becomes visible; each rank
     also writes its own RNG states (``rng_rank<R>.pt``, see :func:`rng_states`).  The directory
     appears atomically: written as ``<out_dir>.tmp``, the previous checkpoint is moved to
@@ -495,7 +499,7 @@ def save_megatron_checkpoint(
     state["step"] = step
     dist_checkpointing.save(state, str(tmp))
     rank = dist.get_rank() if dist.is_initialized() else 0
-    torch.save(rng_states(), tmp / f"rng_rank{rank}.pt")
+    torch.save(plain_rng_states(rng_states()), tmp / f"rng_rank{rank}.pt")  # weights_only-loadable
     if rank0 and extra_state is not None:
         torch.save(dict(extra_state, step=step), tmp / "trainer_state.pt")
     if dist.is_initialized():
@@ -566,10 +570,10 @@ def load_trainer_state(ckpt_dir: str | os.PathLike) -> Dict[str, Any]:
     d = Path(ckpt_dir)
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng = d / f"rng_rank{rank}.pt"
-    if rng.exists():
-        set_rng_states(torch.load(rng, weights_only=False))
+    if rng.exists():  # tensors and plain types only: a crafted pickle is refused (safe_state.py)
+        set_rng_states(restore_rng_states(load_plain(rng)))
     extra = d / "trainer_state.pt"
-    return torch.load(extra, weights_only=False) if extra.exists() else {}
+    return load_plain(extra) if extra.exists() else {}
 
 
 def load_megatron_checkpoint(
@@ -580,6 +584,7 @@ def load_megatron_checkpoint(
     """Load a :func:`save_megatron_checkpoint` directory (any parallel layout); returns step."""
     from megatron.core import dist_checkpointing
 
+    check_dcp_metadata(ckpt_dir)  # torch reads .metadata with pickle.load: vet it first
     chunks = list(model_chunks)
     state = _sharded_model_state(chunks)
     if optimizer is not None:
