@@ -126,48 +126,6 @@ def test_launch_without_a_key_file_refuses(monkeypatch, capsys):
 # ----------------------------------------------------------------------------------------- slow
 
 
-def _session_pids(leader: int) -> list[int]:
-    """Every live process of the session ``leader`` started (our launches use a new session)."""
-    pids = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == leader:  # field 6 of stat: the session id
-            pids.append(int(d))
-    return pids
-
-
-def _listeners(pids: list[int]) -> set[tuple[str, int]]:
-    """``(address, port)`` of every listening TCP socket the processes hold (from /proc/net)."""
-    inodes = set()
-    for pid in pids:
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("socket:["):
-                    inodes.add(target[8:-1])
-        except OSError:
-            continue
-    out = set()
-    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
-        for line in Path(table).read_text().splitlines()[1:]:
-            f = line.split()
-            if f[3] != "0A" or f[9] not in inodes:  # 0A: LISTEN
-                continue
-            addr, port = f[1].split(":")
-            if v6:
-                host = "::" if int(addr, 16) == 0 else ("::1" if addr.endswith("01000000")
-                                                        and int(addr[:24], 16) == 0 else addr)
-            else:
-                host = ".".join(str(int(addr[i:i + 2], 16)) for i in (6, 4, 2, 0))
-            out.add((host, int(port, 16)))
-    return out
-
-
 slow = pytest.mark.slow
 cpu_server = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU SGLang server test")
 
@@ -247,10 +205,10 @@ def test_our_calls_succeed(engines, policy):
 
 @slow
 @cpu_server
-def test_key_in_no_command_line_and_no_log(engines):
+def test_key_in_no_command_line_and_no_log(engines, session_pids):
     key, server, router, _ = engines
     assert stat.S_IMODE(key.path.stat().st_mode) == 0o600
-    pids = _session_pids(server.proc.pid) + _session_pids(router.proc.pid)
+    pids = session_pids(server.proc.pid) + session_pids(router.proc.pid)
     assert len(pids) >= 2
     for pid in pids:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
@@ -263,9 +221,9 @@ def test_key_in_no_command_line_and_no_log(engines):
 
 @slow
 @cpu_server
-def test_listeners_are_loopback(engines):
+def test_listeners_are_loopback(engines, session_pids, listeners):
     key, server, router, nccl_port = engines
-    ours = _listeners(_session_pids(server.proc.pid)) | _listeners(_session_pids(router.proc.pid))
+    ours = listeners(session_pids(server.proc.pid)) | listeners(session_pids(router.proc.pid))
     assert ("127.0.0.1", server.port) in ours and ("127.0.0.1", router.port) in ours
     wide = {(h, p) for h, p in ours if h != "127.0.0.1"}
     # SGLang 0.5.23's scheduler initialises torch.distributed with tcp://127.0.0.1:<nccl_port>;
