@@ -31,7 +31,7 @@ from drpo_megatron.config import ConfigError, RolloutConfig, load_config
 from drpo_megatron.rollout import launch
 from drpo_megatron.rollout.auth import (API_KEY_FILE_ENV, ApiKeyError, create_key_file,
                                         read_key_file)
-from drpo_megatron.rollout.router import KEY_FILE, SGLangRouter, rollout_api_key
+from drpo_megatron.rollout.router import KEY_FILE, RolloutSetup, SGLangRouter, rollout_api_key
 from drpo_megatron.rollout.server import ServerConfig, SGLangServer, free_port
 
 # ----------------------------------------------------------------------------------------- fast
@@ -201,6 +201,30 @@ def test_our_calls_succeed(engines, policy):
                                                                "temperature": 0.0})
     assert out["meta_info"]["weight_version"] == "1"
     server.set_weight_version("0")
+
+
+@slow
+@cpu_server
+def test_external_router_with_the_key_from_the_environment(engines, policy, tmp_path,
+                                                           monkeypatch):
+    """The disaggregated path: drpo train attaches to a router it did not start, with the key
+    file named by DRPO_API_KEY_FILE (what the SLURM template exports), exactly as
+    build_components does (rollout_api_key -> RolloutSetup)."""
+    key, server, router, _ = engines
+    monkeypatch.setenv(API_KEY_FILE_ENV, str(key.path))
+    monkeypatch.setenv("DRPO_ROUTER_URL", router.url)
+    rcfg = RolloutConfig(num_servers=1, server=server.cfg)
+    found = rollout_api_key(rcfg, tmp_path / "run")
+    assert found.key == key.key and not (tmp_path / "run").exists()
+    setup = RolloutSetup(rcfg, policy, tmp_path / "logs", api_key=found)
+    setup.start()
+    setup.wait_ready()  # lists the workers and sets weight version "0" on each: both need the key
+    (worker,) = setup.servers
+    assert worker.external and worker.url == server.url and worker.weight_version() == "0"
+    (out,) = setup.front().generate([[1, 2, 3]], {"max_new_tokens": 2})
+    assert out["meta_info"]["weight_version"] == "0"
+    setup.stop()  # stops nothing of somebody else's
+    assert server.proc.poll() is None and router.proc.poll() is None
 
 
 @slow
