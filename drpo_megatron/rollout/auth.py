@@ -109,9 +109,11 @@ def key_from_env(env: dict[str, str] | None = None) -> ApiKey | None:
 
 
 def router_key_args(key: ApiKey) -> list[str]:
-    """sglang-router 0.3.2 flags that make every endpoint except ``/health``, ``/liveness``,
-    ``/readiness``, ``/get_server_info`` and ``/v1/models`` need the key: ``--api-key`` (also
-    what the router sends to its workers) and ``--control-plane-api-keys`` (``/workers``, worker
-    registration, as an admin key)."""
-    return ["--api-key", key.key,
-            "--control-plane-api-keys", f"{ROUTER_KEY_ID}:drpo-trainer:admin:{key.key}"]
+    """sglang-router 0.3.2 flags that make the key required on ``/workers`` (list, register,
+    remove), ``/generate`` and the other calls drpo makes (measured: ``/health``,
+    ``/health_generate``, ``/get_server_info`` and ``/v1/models`` still answer without it):
+    ``--api-key`` (also what the router sends to its workers) and ``--control-plane-api-keys``
+    (the control plane, as an admin key)."""
+    # "--flag=value": token_urlsafe keys may begin with "-", which argparse takes for an option
+    return [f"--api-key={key.key}",
+            f"--control-plane-api-keys={ROUTER_KEY_ID}:drpo-trainer:admin:{key.key}"]

@@ -58,10 +58,15 @@ def redact_server_args_log() -> None:
     engine._server_args_for_logging = redacted
 
 
+def sglang_argv(argv: list[str], key: ApiKey) -> list[str]:
+    """SGLang's arguments plus the key (``--api-key=KEY``: a key may begin with "-")."""
+    return [*argv, f"--api-key={key.key}"]
+
+
 def sglang(argv: list[str]) -> None:
     key = _key()
     redact_server_args_log()
-    sys.argv = ["sglang.launch_server", *argv, "--api-key", key.key]
+    sys.argv = ["sglang.launch_server", *sglang_argv(argv, key)]
     runpy.run_module("sglang.launch_server", run_name="__main__", alter_sys=True)
 
 

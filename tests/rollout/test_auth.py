@@ -29,8 +29,8 @@ import torch
 
 from drpo_megatron.config import ConfigError, RolloutConfig, load_config
 from drpo_megatron.rollout import launch
-from drpo_megatron.rollout.auth import (API_KEY_FILE_ENV, ApiKeyError, create_key_file,
-                                        read_key_file)
+from drpo_megatron.rollout.auth import (API_KEY_FILE_ENV, ApiKey, ApiKeyError, create_key_file,
+                                        read_key_file, router_key_args)
 from drpo_megatron.rollout.router import KEY_FILE, RolloutSetup, SGLangRouter, rollout_api_key
 from drpo_megatron.rollout.server import ServerConfig, SGLangServer, free_port
 
@@ -115,6 +115,19 @@ def test_no_command_line_holds_the_key(tmp_path):
     # without a key: stock commands, nothing sent
     assert SGLangServer("/m", ServerConfig(port=1), tmp_path).command()[1:3] == [
         "-m", "sglang.launch_server"]
+
+
+def test_a_key_beginning_with_a_dash_reaches_sglang_and_the_router():
+    """token_urlsafe keys begin with "-" one time in 64: passed as ``--flag=KEY`` they still
+    parse (SGLang's and sglang-router's own argument parsers)."""
+    from sglang.srt.server_args import prepare_server_args
+    from sglang_router.launch_router import parse_router_args
+
+    key = ApiKey(Path("/k"), "-" + "a" * 42)
+    assert prepare_server_args(launch.sglang_argv(["--model-path", "/m"], key)).api_key == key.key
+    r = parse_router_args(["--host", "127.0.0.1", *router_key_args(key)])
+    assert r.api_key == key.key
+    assert r.control_plane_api_keys == [("drpo", "drpo-trainer", key.key, "admin")]
 
 
 def test_launch_without_a_key_file_refuses(monkeypatch, capsys):
