@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ def _refusal(path: Path, what: str) -> UnsafeCheckpointError:
         f"delete it; see docs/operate.md, Security")
 
 
-def plain_rng_states(states: Dict[str, Any]) -> Dict[str, Any]:
+def plain_rng_states(states: dict[str, Any]) -> dict[str, Any]:
     """``states`` (:func:`~drpo_megatron.models.megatron_model.rng_states`) with the numpy state
     as tensors and plain types: what ``torch.load(weights_only=True)`` reads back."""
     out = dict(states)
@@ -73,7 +73,7 @@ def plain_rng_states(states: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def restore_rng_states(states: Dict[str, Any]) -> Dict[str, Any]:
+def restore_rng_states(states: dict[str, Any]) -> dict[str, Any]:
     """The inverse of :func:`plain_rng_states` (a legacy numpy tuple passes unchanged)."""
     out = dict(states)
     s = states.get("numpy")

@@ -101,7 +101,7 @@ def _substitute(template: str, values: dict[str, Any], name: str) -> str:
 
     def one(m: re.Match) -> str:
         v = values[m.group(1)]
-        if isinstance(v, Lines) or isinstance(v, int):
+        if isinstance(v, (Lines, int)):
             return str(v)
         if isinstance(v, list):
             return " ".join(shlex.quote(a) for a in v)

@@ -115,7 +115,7 @@ def test_the_payload_is_live(tmp_path, context):
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash")
 def test_disaggregated_script_carries_hostile_values_as_data(tmp_path):
-    bin_, evil = _stubs(tmp_path)
+    _, evil = _stubs(tmp_path)
     repo = evil / "repo"
     (repo / "slurm").mkdir(parents=True)
     shutil.copy(ROOT / "slurm" / "common.sh", repo / "slurm" / "common.sh")
@@ -157,7 +157,7 @@ def test_disaggregated_script_carries_hostile_values_as_data(tmp_path):
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash")
 def test_colocated_script_carries_hostile_values_as_data(tmp_path):
-    bin_, evil = _stubs(tmp_path)
+    _, evil = _stubs(tmp_path)
     repo = evil / "repo"
     (repo / "slurm").mkdir(parents=True)
     shutil.copy(ROOT / "slurm" / "common.sh", repo / "slurm" / "common.sh")

@@ -19,7 +19,6 @@ Slow (a real SGLang server on CPU and a real sglang-router, both started with th
 from __future__ import annotations
 
 import logging
-import os
 import stat
 from pathlib import Path
 
@@ -175,7 +174,7 @@ NO_KEY = [{}, {"Authorization": "Bearer wrong-key-of-sufficient-length"},
 @cpu_server
 @pytest.mark.parametrize("headers", NO_KEY, ids=["none", "wrong-bearer", "basic"])
 def test_calls_without_the_key_are_refused(engines, policy, headers):
-    key, server, router, _ = engines
+    _, server, router, _ = engines
     before = server.weight_version()
     calls = [  # what an attacker would do to a server: push weights, re-label them, stall it
         ("/update_weights_from_disk", {"model_path": str(policy), "weight_version": "666"}),
@@ -205,7 +204,7 @@ def test_calls_without_the_key_are_refused(engines, policy, headers):
 @slow
 @cpu_server
 def test_our_calls_succeed(engines, policy):
-    key, server, router, _ = engines
+    _, server, router, _ = engines
     server.update_weights_from_disk(policy, weight_version="1")  # + /flush_cache
     server.pause_generation()
     server.continue_generation()
@@ -259,7 +258,7 @@ def test_key_in_no_command_line_and_no_log(engines, session_pids):
 @slow
 @cpu_server
 def test_listeners_are_loopback(engines, session_pids, listeners):
-    key, server, router, nccl_port = engines
+    _, server, router, nccl_port = engines
     ours = listeners(session_pids(server.proc.pid)) | listeners(session_pids(router.proc.pid))
     assert ("127.0.0.1", server.port) in ours and ("127.0.0.1", router.port) in ours
     wide = {(h, p) for h, p in ours if h != "127.0.0.1"}
