@@ -28,6 +28,7 @@ from drpo_megatron.data.math import DataError, check_template
 from drpo_megatron.mismatch.writers import WriterName
 from drpo_megatron.models.config import ArchConfig, ModelConfig, ParallelConfig
 from drpo_megatron.models.tiny import VOCAB_SIZE
+from drpo_megatron.rollout.auth import ApiKeyError, read_key_file
 from drpo_megatron.rollout.router import RouterKind, RouterPolicy
 from drpo_megatron.rollout.sampling import OnExhausted, OverlongMode
 from drpo_megatron.rollout.server import ServerConfig
@@ -104,6 +105,11 @@ class RolloutConfig(Section):
     no server, waits until the router lists num_servers healthy workers, pushes weights to each
     of them and generates through the router. Precedence: this field when set, else env
     DRPO_ROUTER_URL (set by the SLURM template), else none."""
+    api_key_file: str | None = None
+    """The 0600 file holding the API key of engines somebody else runs (router_url): sent as
+    "Authorization: Bearer" on every request (rollout/auth.py, docs/operate.md Security).
+    Precedence: this field, else env DRPO_API_KEY_FILE; servers drpo launches itself get a new
+    per-run key in <output_dir>/secrets/api_key when neither is set."""
     max_attempts: int = Field(default=3, gt=0)
     """Attempts per request, across servers."""
     server: ServerConfig = Field(default_factory=ServerConfig)
@@ -328,6 +334,11 @@ def validate(cfg: RunConfig) -> None:
                 raise ConfigError(f"task.{name}: {str(path)!r} not found; make it with "
                                   "tools/prepare_math_data.py (cluster configs with parallel.device: "
                                   "cuda check it on the nodes)")
+    if r.api_key_file is not None and not gpu_target:  # on a cluster: checked where it runs
+        try:
+            read_key_file(r.api_key_file, "rollout.api_key_file")
+        except ApiKeyError as e:
+            raise ConfigError(str(e)) from None
     if r.precision == "fp8" and not gpu_target and not torch_cuda_available():
         raise ConfigError("rollout.precision='fp8' needs SGLang's FP8 kernels (a CUDA GPU); on CPU "
                           "use 'fp8_emulated', which carries the same weight error")

@@ -33,7 +33,7 @@ from drpo_megatron.operate.rundir import (Progress, RolloutRecorder, check_writa
                                           unsafe_resume_changes)
 from drpo_megatron.rewards import build_reward
 from drpo_megatron.rollout.generator import RolloutGenerator
-from drpo_megatron.rollout.router import RolloutSetup, resolve_router_url
+from drpo_megatron.rollout.router import RolloutSetup, resolve_router_url, rollout_api_key
 from drpo_megatron.rollout.verify import DEFAULT_ATOL
 from drpo_megatron.schema import ConfigError
 from drpo_megatron.training.actor import MegatronActor
@@ -182,7 +182,8 @@ def build_run(cfg: RunConfig) -> Run:
         cfg.rollout.server.extra_args.append(DETERMINISTIC_FLAG)  # sampling_seed needs it on GPU
     # server logs: <output_dir>/logs, or the SLURM job's log dir (slurm/*.sbatch.tmpl export it)
     server_logs = Path(os.environ.get("DRPO_SERVER_LOG_DIR") or run_dir / "logs")
-    setup = RolloutSetup(cfg.rollout, policy, server_logs, driver)
+    setup = RolloutSetup(cfg.rollout, policy, server_logs, driver,
+                         api_key=rollout_api_key(cfg.rollout, run_dir) if driver else None)
     sync = None
     try:  # whatever fails from here on, the servers and the router we started are stopped
         setup.start()  # the driver rank starts the servers first: they load while the actor builds

@@ -1,5 +1,7 @@
 # Shared by every drpo sbatch script (sourced; rendered scripts embed nothing from here but call it).
-# Functions: drpo_env_network, drpo_on_signal, drpo_wait_trainer, drpo_node_addr, drpo_wait_router.
+# Functions: drpo_env_network, drpo_on_signal, drpo_wait_trainer, drpo_node_addr, drpo_bind_addr,
+# drpo_rollout_node, drpo_wait_router.  Values from `drpo submit` arrive as variables or arguments,
+# never as text pasted into commands.
 
 # ---- network / NCCL. Values are safe defaults; site-specific ones are commented.
 drpo_env_network() {
@@ -80,13 +82,50 @@ drpo_node_addr() {
   echo "${addr:-$1}"
 }
 
+# ---- the address this node's rollout servers and router bind to and are reached at (never
+# 0.0.0.0): the IPv4 address of $DRPO_BIND_INTERFACE (rollout.server.bind_interface, e.g. ib0) or,
+# when that is empty, SLURM's NodeAddr of the node ($1, default this one) resolved to an address
+drpo_bind_addr() {
+  local node=${1:-${SLURMD_NODENAME:-$(hostname -s)}} addr=""
+  if [ -n "${DRPO_BIND_INTERFACE:-}" ]; then
+    addr=$(ip -4 -o addr show dev "$DRPO_BIND_INTERFACE" 2>/dev/null | awk '{split($4, a, "/"); print a[1]; exit}')
+  else
+    addr=$(getent ahostsv4 "$(drpo_node_addr "$node")" 2>/dev/null | awk '{print $1; exit}')
+  fi
+  if [ -z "$addr" ] || [ "$addr" = 0.0.0.0 ]; then
+    echo "[drpo] ERROR: no IPv4 address to bind to on node $node (interface '${DRPO_BIND_INTERFACE:-}'); set rollout.server.bind_interface to the cluster network's interface (e.g. ib0)" >&2
+    return 1
+  fi
+  echo "$addr"
+}
+
+# ---- one rollout node (srun runs this on it): N SGLang servers of TP GPUs each, bound to the
+# node's cluster address, started with the job's API key ($DRPO_API_KEY_FILE: the key is in no
+# command line); each registers with the router ($DRPO_ROUTER_URL) once /health answers.
+# Arguments: N TP BASE_PORT MODEL_PATH [extra SGLang arguments...]
+drpo_rollout_node() {
+  local n=$1 tp=$2 base=$3 model=$4 addr i port first gpus
+  shift 4
+  addr=$(drpo_bind_addr) || return 1
+  for i in $(seq 0 $((n - 1))); do
+    port=$((base + i)); first=$((i * tp))
+    gpus=$(seq -s, "$first" $((first + tp - 1)))
+    CUDA_VISIBLE_DEVICES=$gpus "$PY" -m drpo_megatron.rollout.launch sglang --model-path "$model" \
+      --tp "$tp" --host "$addr" --port "$port" --dtype bfloat16 "$@" \
+      >> "$DRPO_LOG_DIR/rollout/server-$(hostname)-$port.log" 2>&1 &
+    ( until curl -fsS "http://$addr:$port/health" >/dev/null 2>&1; do sleep 5; done
+      "$PY" -m drpo_megatron.rollout.launch register "$DRPO_ROUTER_URL" "http://$addr:$port" ) &
+  done
+  wait
+}
+
 # ---- wait until the router lists the expected number of workers (or time out naming the missing)
 drpo_wait_router() {
   local url=$1 want=$2 timeout_s=$3 t=0 have=0
   echo "[drpo] waiting up to ${timeout_s}s for $want rollout servers at router $url" >&2
   while [ $t -lt "$timeout_s" ]; do
-    # sglang-router 0.3.2: GET /workers -> {"workers": [{"url", "is_healthy", ...}, ...]}
-    have=$(curl -fsS "$url/workers" 2>/dev/null | python3 -c 'import json,sys; print(sum(1 for w in json.load(sys.stdin).get("workers", []) if w.get("is_healthy", True)))' 2>/dev/null || echo 0)
+    # GET /workers with the job's API key; prints the number of healthy workers (0 if unreachable)
+    have=$("$PY" -m drpo_megatron.rollout.launch workers "$url" 2>/dev/null || echo 0)
     if [ "$have" -ge "$want" ]; then echo "[drpo] $have/$want rollout servers registered after ${t}s" >&2; return 0; fi
     sleep 10; t=$((t + 10))
   done

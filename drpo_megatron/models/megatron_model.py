@@ -39,12 +39,12 @@ import contextlib
 import datetime
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from drpo_megatron.dist import free_port
 from drpo_megatron.models.fp8_config import (apply_precision, check_fp8_supported,
                                              transformer_precision_fields)
 from drpo_megatron.platform import apply_cpu_compat, cpu_transformer_overrides
@@ -77,6 +77,41 @@ def _ensure_platform() -> None:
 # ----------------------------------------------------------------------------------- distributed
 
 
+LOOPBACK = "127.0.0.1"
+_IFF_LOOPBACK = 0x8  # linux/if.h: the interface flag of a loopback device
+STORE_BACKLOG = 128
+
+
+def loopback_interface() -> str:
+    """The name of the loopback network interface (``lo`` on Linux)."""
+    for _, name in socket.if_nameindex():
+        try:
+            flags = int(Path(f"/sys/class/net/{name}/flags").read_text(), 16)
+        except (OSError, ValueError):
+            continue
+        if flags & _IFF_LOOPBACK:
+            return name
+    return "lo"
+
+
+def loopback_store(timeout: datetime.timedelta, world_size: int = 1):
+    """A torch ``TCPStore`` (the master of ``world_size`` ranks) that listens on 127.0.0.1 only,
+    and its port.
+
+    torch 2.13's ``TCPStore`` has no bind address: given a host name it still listens on every
+    interface.  It does accept a socket that is already listening (``master_listen_fd``): we bind
+    that one to loopback ourselves."""
+    import torch.distributed as dist
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((LOOPBACK, 0))
+    sock.listen(STORE_BACKLOG)
+    port = sock.getsockname()[1]
+    store = dist.TCPStore(LOOPBACK, port, world_size, True, timeout=timeout,
+                          wait_for_workers=False, master_listen_fd=sock.detach())
+    return store, port
+
+
 def init_distributed(
     tp: int = 1,
     pp: int = 1,
@@ -90,7 +125,9 @@ def init_distributed(
     """Initialise torch.distributed, Megatron's model-parallel groups and its RNG tracker.
 
     * Under torchrun/srun (``WORLD_SIZE`` and ``MASTER_ADDR`` set) it joins with ``env://``;
-      otherwise it starts a world of one on 127.0.0.1 with a free port.
+      otherwise it starts a world of one whose TCPStore listens on 127.0.0.1 only
+      (:func:`loopback_store`) and whose gloo sockets use the loopback interface
+      (``GLOO_SOCKET_IFNAME``, unless set).
     * ``backend`` defaults to nccl with CUDA, gloo without.
     * Idempotent: a second call with the same sizes returns; different sizes raise.
     * ``etp``: expert tensor-parallel size (None: Megatron's default, equal to ``tp``).
@@ -111,19 +148,26 @@ def init_distributed(
             rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
             if cuda:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            # the store at MASTER_ADDR:MASTER_PORT is torchrun's (its agent's TCPStore, or rank
+            # 0's): it listens on every interface, whatever MASTER_ADDR says (torch 2.13 has no
+            # bind setting for it; docs/operate.md, Security)
             log.info(
-                "init_distributed: rank %d waiting for %d ranks at %s:%s (backend %s, timeout %.0fs)",
+                "init_distributed: rank %d waiting for %d ranks at %s:%s (backend %s, timeout "
+                "%.0fs; torchrun's TCPStore listens on all interfaces)",
                 rank, world, os.environ["MASTER_ADDR"], os.environ.get("MASTER_PORT"), backend,
                 timeout_s)
             dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
         else:
-            port = free_port()
-            log.info("init_distributed: single process, %s on 127.0.0.1:%d", backend, port)
+            # everything on this host: the store and gloo's sockets on loopback only
+            store, port = loopback_store(timeout)
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())
+            log.info("init_distributed: single process, %s; TCPStore listening on %s:%d only, "
+                     "gloo on interface %s", backend, LOOPBACK, port,
+                     os.environ["GLOO_SOCKET_IFNAME"])
             if cuda:
                 torch.cuda.set_device(0)
-            dist.init_process_group(
-                backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-                timeout=timeout)
+            dist.init_process_group(backend=backend, store=store, rank=0, world_size=1,
+                                    timeout=timeout)
         log.info("init_distributed: %d ranks joined", dist.get_world_size())
 
     world = dist.get_world_size()

@@ -17,6 +17,10 @@ router somebody else runs (``rollout.router_url`` / env ``DRPO_ROUTER_URL``).
 * :class:`RolloutSetup` is what ``run.build_run`` uses: it starts (or attaches to) the servers
   and the router and builds the front.  Weight pushes are bracketed by ``/pause_generation`` ...
   ``/continue_generation`` in ``weights/sync.py`` (``PausedTransport``).
+* Authentication (:mod:`drpo_megatron.rollout.auth`): with an API key (:func:`rollout_api_key`)
+  every server and router we launch requires it (the router on ``/workers`` and ``/generate``
+  too), binds to loopback, and every request of ours carries it; an external router and its
+  workers get the key of ``rollout.api_key_file`` / ``$DRPO_API_KEY_FILE``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from typing import Any, Callable, Literal, Sequence, get_args
 import requests
 
 from drpo_megatron.dist import free_port
+from drpo_megatron.rollout.auth import (API_KEY_FILE_ENV, ApiKey, create_key_file,
+                                        key_from_env, read_key_file)
 from drpo_megatron.rollout.fleet import Fleet, SingleServerFront
 from drpo_megatron.rollout.server import (HEALTH_POLL_S, LOG_EVERY_S, ManagedProcess,
                                           ServerConfig, ServerError, SGLangServer, tail)
@@ -65,7 +71,8 @@ class SGLangRouter(ManagedProcess):
     def __init__(self, log_dir: str | os.PathLike, *, url: str | None = None,
                  host: str = "127.0.0.1", port: int = 0, policy: str = "round_robin",
                  startup_timeout_s: float = 300.0, request_timeout_s: float = 300.0,
-                 extra_args: Sequence[str] = (), name: str = "router"):
+                 extra_args: Sequence[str] = (), name: str = "router",
+                 api_key: ApiKey | None = None):
         if policy not in ROUTER_POLICIES:
             raise ValueError(f"router policy {policy!r}: choose one of {ROUTER_POLICIES}")
         self.name = name
@@ -81,11 +88,16 @@ class SGLangRouter(ManagedProcess):
         self.proc: subprocess.Popen | None = None
         self._session = requests.Session()
         self._lock = threading.Lock()
+        self._use_key(api_key)
 
     # ------------------------------------------------------------------ lifecycle
     def command(self) -> list[str]:
+        # with a key: stock sglang-router started through rollout/launch.py, which adds the
+        # key flags (auth.router_key_args)
+        launcher = (["-m", "drpo_megatron.rollout.launch", "router"] if self.api_key is not None
+                    else ["-m", "sglang_router.launch_router"])
         return [
-            sys.executable, "-m", "sglang_router.launch_router",
+            sys.executable, *launcher,
             "--host", self.host, "--port", str(self.port),
             "--policy", self.policy,
             # workers are registered through POST /workers once they are healthy
@@ -188,7 +200,8 @@ class SGLangRouter(ManagedProcess):
     def client(self, cfg: ServerConfig) -> SGLangServer:
         """An :class:`SGLangServer` client whose ``/generate`` goes to the router (the router
         process, if ours, is checked for life on every call)."""
-        c = SGLangServer.attach(self.url, cfg, self.log_path.parent, name=self.name)
+        c = SGLangServer.attach(self.url, cfg, self.log_path.parent, name=self.name,
+                                api_key=self.api_key)
         c.log_path = self.log_path
         c.proc = self.proc
         c.external = True  # never started or stopped through the client
@@ -262,6 +275,37 @@ def resolve_router_url(rollout_cfg) -> tuple[str | None, str]:
     return None, ""
 
 
+KEY_FILE = Path("secrets") / "api_key"  # under the run directory
+
+
+def rollout_api_key(rollout_cfg, run_dir: str | os.PathLike) -> ApiKey | None:
+    """The API key of this run's engines (docs/operate.md, Security):
+
+    * ``rollout.api_key_file`` when set, else ``$DRPO_API_KEY_FILE`` (what the SLURM template
+      exports), checked by :func:`~drpo_megatron.rollout.auth.read_key_file` (must exist, be
+      0600 and hold one key);
+    * otherwise, when drpo launches the servers itself: a new random key in
+      ``<run_dir>/secrets/api_key`` (0600; replaced at every start);
+    * otherwise (an external router without a key): None, with a warning that every request
+      goes out unauthenticated.
+    """
+    path = getattr(rollout_cfg, "api_key_file", None)
+    if path:
+        key = read_key_file(path, "rollout.api_key_file")
+    else:
+        key = key_from_env()
+    if key is None and resolve_router_url(rollout_cfg)[0] is None:
+        key = create_key_file(Path(run_dir) / KEY_FILE)
+        log.info("rollout API key: new per-run key in %s (mode 0600)", key.path)
+    elif key is None:
+        log.warning("external router without an API key (neither rollout.api_key_file nor %s is "
+                    "set): its workers' weight-update endpoints are open to anyone who can reach "
+                    "them; see docs/operate.md, Security", API_KEY_FILE_ENV)
+    else:
+        log.info("rollout API key: %s", key.path)
+    return key
+
+
 class RolloutSetup:
     """The rollout side of a run (driver rank): servers, router and front.
 
@@ -272,8 +316,9 @@ class RolloutSetup:
     """
 
     def __init__(self, rcfg, policy: str | os.PathLike, log_dir: str | os.PathLike,
-                 driver: bool = True):
+                 driver: bool = True, api_key: ApiKey | None = None):
         self.rcfg = rcfg
+        self.api_key = api_key
         self.policy = Path(policy)
         self.log_dir = Path(log_dir)
         self.driver = driver
@@ -286,14 +331,19 @@ class RolloutSetup:
         if self.router_url:
             self.router = SGLangRouter(self.log_dir, url=self.router_url,
                                        startup_timeout_s=rcfg.server.startup_timeout_s,
-                                       request_timeout_s=rcfg.server.request_timeout_s)
+                                       request_timeout_s=rcfg.server.request_timeout_s,
+                                       api_key=api_key)
         else:
-            self.servers = [SGLangServer(self.policy, rcfg.server, self.log_dir, name=f"sglang-{i}")
+            self.servers = [SGLangServer(self.policy, rcfg.server, self.log_dir, name=f"sglang-{i}",
+                                         api_key=api_key)
                             for i in range(n)]
             if n > 1 and rcfg.router == "sglang-router":
-                self.router = SGLangRouter(self.log_dir, policy=rcfg.router_policy,
+                # on the servers' host: loopback by default, like them
+                self.router = SGLangRouter(self.log_dir, host=rcfg.server.host,
+                                           policy=rcfg.router_policy,
                                            startup_timeout_s=rcfg.server.startup_timeout_s,
-                                           request_timeout_s=rcfg.server.request_timeout_s)
+                                           request_timeout_s=rcfg.server.request_timeout_s,
+                                           api_key=api_key)
 
     def start(self) -> "RolloutSetup":
         if self.router is not None:
@@ -313,7 +363,8 @@ class RolloutSetup:
             self.router.wait_up()
             urls = self.router.wait_workers(count=n)
             self.servers = [SGLangServer.attach(u, self.rcfg.server, self.log_dir,
-                                                name=f"worker-{i}", model_path=self.policy)
+                                                name=f"worker-{i}", model_path=self.policy,
+                                                api_key=self.api_key)
                             for i, u in enumerate(sorted(urls))]
         else:
             if self.servers:

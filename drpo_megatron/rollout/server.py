@@ -2,6 +2,12 @@
 
 Every wait has a timeout and logs what it waits for; a timeout or a dead server raises
 :class:`ServerError` naming the server and its log file (with the log's tail), never hangs.
+
+With an :class:`~drpo_megatron.rollout.auth.ApiKey` a server we launch requires it on every
+endpoint except ``/health*`` (started through :mod:`drpo_megatron.rollout.launch`: the key is in
+no command line and no log), and every request of ours carries it (``Authorization: Bearer``).
+A server binds to ``ServerConfig.host`` (loopback by default: ``drpo train`` runs its servers
+on its own host).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pydantic import Field
 from drpo_megatron.dist import free_port
 from drpo_megatron.errors import RuntimeFailure
 from drpo_megatron.platform import sglang_cpu
+from drpo_megatron.rollout.auth import ApiKey
 from drpo_megatron.schema import Section
 
 log = logging.getLogger(__name__)
@@ -63,8 +70,14 @@ def tail(path: Path, n: int = LOG_TAIL_LINES) -> str:
 class ServerConfig(Section):
     """One SGLang server.  ``extra_args`` go verbatim to ``sglang.launch_server``."""
 
+    # the address the servers drpo train launches bind to (and are reached at): loopback, as they
+    # run on the trainer's host; never 0.0.0.0 (docs/operate.md, Security)
     host: str = "127.0.0.1"
     """Address the server binds to and we connect to."""
+    bind_interface: str | None = None
+    """SLURM disaggregated layout (slurm/disaggregated.sbatch.tmpl): the network interface (e.g.
+    ib0, eth0) whose IPv4 address the rollout nodes' servers and router bind to; null: the
+    node's SLURM NodeAddr, resolved to an address."""
     port: int = Field(default=0, ge=0, le=65535)
     """TCP port; 0 = pick a free port."""
     startup_timeout_s: float = Field(default=300.0, gt=0)
@@ -95,6 +108,12 @@ class ManagedProcess:
     external: bool
     proc: subprocess.Popen | None
     _session: requests.Session
+    api_key: ApiKey | None = None  # required by the process, sent on every request of ours
+
+    def _use_key(self, api_key: ApiKey | None) -> None:
+        self.api_key = api_key
+        if api_key is not None:
+            self._session.headers.update(api_key.headers())
 
     def command(self) -> list[str]:
         raise NotImplementedError
@@ -120,11 +139,13 @@ class ManagedProcess:
             fh.flush()
             # the SGLang server and sglang-router (which imports sglang) need the same CPU
             # environment, minus the trainer's torchrun variables
+            env = sglang_cpu.server_env(server_base_env())
+            if self.api_key is not None:  # the key file's path, read by rollout/launch.py
+                env.update(self.api_key.env())
             # tethered: the whole process group dies with this trainer (rollout/tether.py)
             self.proc = subprocess.Popen([sys.executable, "-m", "drpo_megatron.rollout.tether",
                                           str(os.getpid()), *cmd],
-                                         stdout=fh, stderr=subprocess.STDOUT,
-                                         env=sglang_cpu.server_env(server_base_env()),
+                                         stdout=fh, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
         return self
 
@@ -199,7 +220,7 @@ class SGLangServer(ManagedProcess):
     """
 
     def __init__(self, model_path: str | os.PathLike, cfg: ServerConfig, log_dir: str | os.PathLike,
-                 name: str = "sglang-0", *, url: str | None = None):
+                 name: str = "sglang-0", *, url: str | None = None, api_key: ApiKey | None = None):
         self.model_path = str(model_path)
         self.cfg = cfg
         self.name = name
@@ -213,17 +234,22 @@ class SGLangServer(ManagedProcess):
         self.log_path = Path(log_dir) / f"{name}.log"
         self.proc: subprocess.Popen | None = None
         self._session = requests.Session()
+        self._use_key(api_key)
 
     @classmethod
     def attach(cls, url: str, cfg: ServerConfig, log_dir: str | os.PathLike, name: str,
-               model_path: str | os.PathLike = "") -> "SGLangServer":
+               model_path: str | os.PathLike = "", api_key: ApiKey | None = None
+               ) -> "SGLangServer":
         """A client of an already running server at ``url`` (no process of ours)."""
-        return cls(model_path, cfg, log_dir, name, url=url)
+        return cls(model_path, cfg, log_dir, name, url=url, api_key=api_key)
 
     # ------------------------------------------------------------------ lifecycle
     def command(self) -> list[str]:
+        # with a key: stock SGLang started through rollout/launch.py, which adds --api-key
+        launcher = (["-m", "drpo_megatron.rollout.launch", "sglang"] if self.api_key is not None
+                    else ["-m", "sglang.launch_server"])
         return [
-            sys.executable, "-m", "sglang.launch_server",
+            sys.executable, *launcher,
             "--model-path", self.model_path,
             "--host", self.cfg.host, "--port", str(self.port),
             "--dtype", self.cfg.dtype,

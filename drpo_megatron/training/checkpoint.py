@@ -18,6 +18,8 @@ import torch
 
 from drpo_megatron.errors import CheckpointError
 from drpo_megatron.models.megatron_model import unwrap_model
+from drpo_megatron.models.safe_state import (check_dcp_metadata, load_plain, plain_rng_states,
+                                             restore_rng_states)
 
 __all__ = ["save_megatron_checkpoint", "load_megatron_checkpoint", "find_checkpoint",
            "load_trainer_state", "read_trainer_state", "rng_states", "set_rng_states"]
@@ -45,7 +47,8 @@ def save_megatron_checkpoint(
 ) -> Path:
     """Save model (+ optimizer when given) with ``dist_checkpointing`` (torch_dist format).
 
-    ``extra_state``: a picklable dict (trainer state: data cursor, RNG states ...) that rank 0
+    ``extra_state``: a dict of tensors and plain Python types (it is loaded with
+    ``weights_only=True``: data cursor, config ...) that rank 0
     writes as ``trainer_state.pt`` into the same directory before it becomes visible; each rank
     also writes its own RNG states (``rng_rank<R>.pt``, see :func:`rng_states`).  The directory
     appears atomically: written as ``<out_dir>.tmp``, the previous checkpoint is moved to
@@ -93,7 +96,7 @@ def _save(model_chunks, optimizer, out: Path, tmp: Path, rank0: bool, step: int,
     state["step"] = step
     dist_checkpointing.save(state, str(tmp))
     rank = dist.get_rank() if dist.is_initialized() else 0
-    torch.save(rng_states(), tmp / f"rng_rank{rank}.pt")
+    torch.save(plain_rng_states(rng_states()), tmp / f"rng_rank{rank}.pt")  # weights_only-loadable
     if rank0 and extra_state is not None:
         torch.save(dict(extra_state, step=step), tmp / "trainer_state.pt")
     if dist.is_initialized():
@@ -166,7 +169,8 @@ def load_trainer_state(ckpt_dir: str | os.PathLike) -> Dict[str, Any]:
     rng = d / f"rng_rank{rank}.pt"
     try:
         if rng.exists():
-            set_rng_states(torch.load(rng, weights_only=False))
+            # tensors and plain types only: a crafted pickle is refused (models/safe_state.py)
+            set_rng_states(restore_rng_states(load_plain(rng)))
         return read_trainer_state(d)
     except CheckpointError:
         raise
@@ -181,7 +185,9 @@ def read_trainer_state(ckpt_dir: str | os.PathLike) -> Dict[str, Any]:
     if not extra.exists():
         return {}
     try:
-        return torch.load(extra, weights_only=False)
+        return load_plain(extra)
+    except CheckpointError:  # a crafted pickle (models/safe_state.py): its own message
+        raise
     except Exception as e:  # noqa: BLE001 - EOFError, UnpicklingError ... of a damaged file
         raise CheckpointError(unreadable(Path(ckpt_dir), e)) from e
 
@@ -204,6 +210,7 @@ def load_megatron_checkpoint(
     """Load a :func:`save_megatron_checkpoint` directory (any parallel layout); returns step."""
     from megatron.core import dist_checkpointing
 
+    check_dcp_metadata(ckpt_dir)  # torch reads .metadata with pickle.load: vet it first
     chunks = list(model_chunks)
     state = _sharded_model_state(chunks)
     if optimizer is not None:

@@ -105,16 +105,16 @@ echo unreachable >> "$LOG"
     assert (tmp_path / "STOP").exists() == (sig is not None)
 
 
-def test_cli_dry_run_writes_script_and_resolved_config(tmp_path, capsys):
+def test_cli_dry_run_prints_the_script_and_writes_nothing(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(Path("model_configs/qwen3_4b_base_bf16.yaml").read_text().replace(
         "output_dir: runs/qwen3-4b-base-bf16-drpo", f"output_dir: {tmp_path}/run"))
-    assert main([str(cfg), "--nodes", "2", "--rollout-nodes", "1", "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert "#SBATCH --nodes=3" in out
-    resolved = load_config(tmp_path / "run" / "submit" / "config.yaml")
-    assert resolved.parallel.num_nodes == 2 and resolved.parallel.rollout_nodes == 1
-    assert "#SBATCH --nodes=3" in (tmp_path / "run" / "submit" / "qwen3-4b-base-bf16-drpo.sbatch").read_text()
+    assert main([str(cfg), "--nodes", "2", "--rollout-nodes", "1", "--dry-run",
+                 "--cpus-per-task", "8"]) == 0
+    out = capsys.readouterr()
+    assert "#SBATCH --nodes=3" in out.out and "#SBATCH --cpus-per-task=8" in out.out
+    assert "dry run: nothing written" in out.err
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_refuses_bad_layout_without_writing(tmp_path, capsys):
