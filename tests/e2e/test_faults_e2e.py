@@ -94,7 +94,8 @@ def test_single_server_killed_mid_run_is_restarted(tmp_path, cache):
     try:
         _wait_for(lambda: (out / "metrics.jsonl").exists() and len(_steps(out / "metrics.jsonl")) >= 1,
                   RUN_TIMEOUT_S, "step 1", proc)
-        victims = [p for p in _server_processes(cache) if "launch_server" in " ".join(p.cmdline())]
+        victims = [p for p in _server_processes(cache)  # the server itself, not its tether
+                   if any(w in " ".join(p.cmdline()) for w in ("launch_server", "rollout.launch sglang"))]
         assert victims, "no SGLang server found"
         for v in victims:
             v.kill()  # SIGKILL the server itself (its tether then exits with it)
