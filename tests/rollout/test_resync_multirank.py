@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from drpo_megatron.rollout.router import collective_only_resync, export_dir_resync
+from drpo_megatron.weights.sync import collective_only_resync, export_dir_resync
 from drpo_megatron.rollout.server import ServerError
 
 

@@ -23,10 +23,10 @@ import torch
 
 from drpo_megatron.config import RolloutConfig
 from drpo_megatron.rollout.engine import generate_groups, rollout_metrics
-from drpo_megatron.rollout.router import (RolloutSetup, RouterError, RouterFleet, SGLangRouter,
-                                          one_server_resync)
+from drpo_megatron.rollout.router import RolloutSetup, RouterError, RouterFleet, SGLangRouter
 from drpo_megatron.rollout.server import ServerConfig
 from drpo_megatron.rollout.verify import probe_server
+from drpo_megatron.weights.sync import PausedTransport, one_server_resync
 from drpo_megatron.weights.transport import build_transport
 
 pytestmark = [pytest.mark.slow,
@@ -67,7 +67,7 @@ def rollout_cfg(**kw) -> RolloutConfig:
 
 @pytest.fixture(scope="module")
 def rollout(policy, tmp_path_factory):
-    """Two servers + a launched sglang-router, through RolloutSetup (what build_components
+    """Two servers + a launched sglang-router, through RolloutSetup (what build_run
     uses), with a tensor transport wrapped in the pause bracket."""
     tmp = tmp_path_factory.mktemp("router")
     actor = VersionedActor(policy)
@@ -79,8 +79,9 @@ def rollout(policy, tmp_path_factory):
         def make(servers):
             return build_transport("tensor", actor, servers, tmp / "weights", bucket_mb=1)
 
-        transport = setup.wrap(make(setup.servers))
-        front = setup.front(one_server_resync(make), max_attempts=3)
+        transport = PausedTransport(make(setup.servers), setup.servers)
+        front = setup.front(one_server_resync(make), current_version=lambda: transport.version,
+                            max_attempts=3)
         yield setup, front, transport, actor
     finally:
         setup.stop()
@@ -223,8 +224,9 @@ def test_external_router(rollout, prompts, policy, tmp_path, monkeypatch):
         assert not (tmp_path / "logs" / "sglang-0.log").exists()  # nothing launched
 
         actor = VersionedActor(policy)
-        transport = ext.wrap(build_transport("tensor", actor, ext.servers, tmp_path / "w"))
-        front = ext.front(None)
+        transport = PausedTransport(build_transport("tensor", actor, ext.servers, tmp_path / "w"),
+                                    ext.servers)
+        front = ext.front(None, current_version=lambda: transport.version)
         push(transport, actor, 5)
         samples = generate_groups(front, prompts[:4], ["x"] * 4, n=2, temperature=1.0,
                                   top_p=1.0, max_new_tokens=8)
