@@ -16,8 +16,11 @@ from typing import Any
 
 import yaml
 
+from drpo_megatron.algorithms.config import KLConfig, check_loss_options
+from drpo_megatron.algorithms.corrections import CorrectionConfig
 from drpo_megatron.data.math import DEFAULT_PROMPT_TEMPLATE
 from drpo_megatron.models.tiny import TinyModelConfig
+from drpo_megatron.rewards.config import RewardConfig, check_reward_config, resolve_reward_paths
 from drpo_megatron.rollout.server import ServerConfig
 
 
@@ -193,6 +196,9 @@ class LossSection:
     # Constant horizon H of seq-mean-token-sum-norm (the paper: max response length 8192).
     horizon: int = 16
     advantage: str = "dr_grpo"
+    # reference-model KL (off at coef 0) and off-policy correction: docs/losses.md
+    kl: KLConfig = field(default_factory=KLConfig)
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)
 
 
 @dataclass
@@ -241,6 +247,7 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossSection = field(default_factory=LossSection)
+    reward: RewardConfig = field(default_factory=RewardConfig)  # docs/rewards.md
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -305,7 +312,12 @@ def _build(cls, data: dict[str, Any], prefix: str = ""):
         if key not in names:
             raise ConfigError(f"unknown config key {path!r}; valid keys here: {sorted(names)}")
         kwargs[key] = _coerce(path, value, hints[key])
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a section's own validation (e.g. loss.correction, loss.kl)
+        raise ConfigError(f"{prefix or 'config'}: {e}") from None
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -335,6 +347,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if overrides:
         data = _merge(data, overrides)
     cfg = _build(RunConfig, data)
+    resolve_reward_paths(cfg.reward, Path(path).parent if path is not None else None)
     validate(cfg)
     return cfg
 
@@ -358,6 +371,7 @@ def validate(cfg: RunConfig) -> None:
 
     try:
         check_sampling_config(r)  # dynamic_filter / oversample / overlong fields
+        check_reward_config(cfg.reward)  # imports reward.function, checks its signature
     except ValueError as e:
         raise ConfigError(str(e)) from e
     if r.samples_per_prompt < 2:
@@ -424,7 +438,8 @@ def validate(cfg: RunConfig) -> None:
     from drpo_megatron.algorithms import AGGREGATION_MODES, ADVANTAGE_ESTIMATORS, make_loss_config
 
     try:
-        make_loss_config(l.name, l.params)
+        # a reweighting loss.correction needs loss.params.anchor: old_policy
+        check_loss_options(l.correction, make_loss_config(l.name, l.params).anchor)
     except ValueError as e:
         raise ConfigError(f"loss: {e}") from e
     if l.aggregation not in AGGREGATION_MODES:

@@ -328,3 +328,68 @@ def select_anchor_logp(cfg: BaseLossConfig, rollout_logp: torch.Tensor,
             f"{type(cfg).__name__}.anchor = 'old_policy' but no recomputed old-policy log-probs "
             "were given. Fix: recompute pi_old log-probs before the update, or set anchor: rollout")
     return old_policy_logp.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loop options around the policy loss: reference-model KL (loss.kl) and the off-policy correction
+# (loss.correction, :class:`~drpo_megatron.algorithms.corrections.CorrectionConfig`); applied by
+# :func:`drpo_megatron.algorithms.loss_terms.add_loss_terms`.
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class KLConfig:
+    """``loss.kl``: a KL penalty to a frozen reference policy (off when ``coef`` is 0).
+
+    coef (0.0): beta; 0 = off (no reference model is built).
+    estimator ("k3"): k1 | k2 | k3 | low_var_kl (:mod:`drpo_megatron.algorithms.kl`).
+    in_reward (False): False = beta * KL_t is added to every token's loss (its gradient flows,
+    one extra reference forward per mini-batch); True = beta * sum_t KL_t(mu || ref) over the
+    response is subtracted from the sample's reward before the advantages (no gradient; mu = the
+    rollout log-probs, from which the tokens were sampled).
+    ref_path (""): HF checkpoint of the reference; "" = the initial policy (model.hf_path, or
+    the embedded tiny checkpoint), built with the actor's Megatron layout and dtype.
+    """
+
+    coef: float = 0.0
+    estimator: str = "k3"
+    in_reward: bool = False
+    ref_path: str = ""
+
+    def __post_init__(self) -> None:
+        from .kl import KL_ESTIMATORS
+
+        if self.estimator not in KL_ESTIMATORS:
+            _fail("KLConfig", "estimator", self.estimator, f"must be one of {list(KL_ESTIMATORS)}",
+                  "set estimator: k3 (default), k1, k2 or low_var_kl")
+        if isinstance(self.coef, bool) or not isinstance(self.coef, (int, float)) \
+                or not math.isfinite(self.coef) or self.coef < 0:
+            _fail("KLConfig", "coef", self.coef, "must be a finite number >= 0",
+                  "set coef: 0 (off) or e.g. 0.001")
+        self.coef = float(self.coef)
+        if not isinstance(self.in_reward, bool):
+            _fail("KLConfig", "in_reward", self.in_reward, "must be true or false",
+                  "set in_reward: false (KL in the loss) or true (KL subtracted from the reward)")
+        if not isinstance(self.ref_path, str):
+            _fail("KLConfig", "ref_path", self.ref_path, "must be a path string",
+                  "set ref_path to an HF checkpoint directory, or '' for the initial policy")
+
+    @property
+    def enabled(self) -> bool:
+        return self.coef > 0
+
+    @property
+    def in_loss(self) -> bool:
+        return self.enabled and not self.in_reward
+
+
+def check_loss_options(correction, anchor: str) -> None:
+    """A reweighting correction (tis, seq_tis, mis / icepop / seq_mis without reject_only) needs
+    the old_policy anchor: with the rollout anchor the loss ratio pi/mu already is the importance
+    weight (see :mod:`~drpo_megatron.algorithms.corrections`).  Raises ValueError naming the
+    fields and the fix, before any process starts."""
+    if correction.kind != "none" and correction.reweights and anchor != "old_policy":
+        raise ValueError(
+            f"loss.correction.kind={correction.kind!r} reweights tokens by rho = pi_old/mu, but "
+            f"loss.params.anchor={anchor!r}: the loss ratio pi/mu is already that importance "
+            "weight, the correction would count it twice. Fix: set loss.params.anchor: old_policy "
+            "(ratio pi/pi_old, the decoupled objective), or use a rejection-only correction "
+            "(geo_mis, or mis / icepop / seq_mis with reject_only: true)")
