@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from drpo_megatron.config import RunConfig
+from drpo_megatron.rewards.scorer import attach_task
 from drpo_megatron.rollout.engine import Sample, generate_groups, rollout_metrics
 
 log = logging.getLogger("drpo")
@@ -69,6 +70,7 @@ class Components:
     cursor: int = 0
     order: list = field(default_factory=list)
     driver: bool = True  # this rank drives SGLang, scores, logs (training/ranks.py)
+    reference: Any = None  # loss.kl: the frozen reference policy (training/reference.py)
     _bar: Any = None
     _old_logp: Any = None
 
@@ -80,22 +82,26 @@ class Components:
 
         return share(value)
 
-    def rollout(self, prompts, answers, *, version: int, step: int | None = None,
+    def rollout(self, prompts, problems, *, version: int, step: int | None = None,
                 first_group: int = 0) -> list[Sample]:
         """``samples_per_prompt`` samples of each prompt, group-major, group ids from
         ``first_group`` (the step-local index of ``prompts[0]``: seeds stay distinct across
-        dynamic-sampling rounds); with µ's top-K log-probs when the loss needs them."""
+        dynamic-sampling rounds); with µ's top-K log-probs when the loss needs them.  Each
+        sample carries its problem's prompt text and data-file fields for the reward."""
         r = self.cfg.rollout
+        answers = [p.answer for p in problems]
         if step is not None and self.cfg.train.seeded_rollouts:
-            return seeded_generate_groups(self.servers[0], prompts, answers, n=r.samples_per_prompt,
-                                          temperature=r.temperature, top_p=r.top_p,
-                                          max_new_tokens=r.max_new_tokens,
-                                          seed=self.cfg.train.seed, step=step,
-                                          first_group=first_group, top_k=self.rollout_top_k)
-        samples = generate_groups(self.servers[0], prompts, answers, n=r.samples_per_prompt,
-                                  temperature=r.temperature, top_p=r.top_p,
-                                  max_new_tokens=r.max_new_tokens, first_group_id=first_group,
-                                  top_k=self.rollout_top_k)
+            samples = seeded_generate_groups(self.servers[0], prompts, answers,
+                                             n=r.samples_per_prompt, temperature=r.temperature,
+                                             top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                                             seed=self.cfg.train.seed, step=step,
+                                             first_group=first_group, top_k=self.rollout_top_k)
+        else:
+            samples = generate_groups(self.servers[0], prompts, answers, n=r.samples_per_prompt,
+                                      temperature=r.temperature, top_p=r.top_p,
+                                      max_new_tokens=r.max_new_tokens, first_group_id=first_group,
+                                      top_k=self.rollout_top_k)
+        attach_task(samples, problems, r.samples_per_prompt)
         return samples
 
     def generate_and_score(self, step: int) -> tuple[list[Sample], dict[str, float]]:
@@ -106,10 +112,12 @@ class Components:
         (group-major, group ids 0..) and the ``rollout/`` + ``perf/`` sampling metrics."""
         from drpo_megatron.rollout.sampling import generate_scored_groups
 
-        return generate_scored_groups(
+        samples, metrics = generate_scored_groups(
             self.cfg.rollout, next_prompts=lambda k: next_prompts(self, k), score=self.score,
             generate=lambda p, a, first: self.rollout(p, a, version=step - 1, step=step,
                                                       first_group=first))
+        metrics.update(self.reward_fn.pop_metrics())  # rollout/reward/{timeout,fallback}_count ...
+        return samples, metrics
 
     @property
     def rollout_top_k(self) -> int:
@@ -140,8 +148,18 @@ class Components:
                                      "meta": s.meta}) + "\n")
 
     def score(self, samples: Sequence[Sample]) -> None:
-        for s in samples:
-            s.reward = self.reward_fn(s.text, s.answer)
+        self.reward_fn(samples)  # reward.* (rewards/scorer.py): sets every sample's reward
+
+    def kl_reward(self, samples: Sequence[Sample]) -> dict[str, float]:
+        """``loss.kl.in_reward``: rewards minus coef * KL(µ || ref), advantages again (every
+        rank: the reference forward is collective); {} when off."""
+        kl = self.cfg.loss.kl
+        if not (kl.enabled and kl.in_reward):
+            return {}
+        from drpo_megatron.training.reference import apply_kl_reward
+
+        ref = self.reference.compute_logprobs(samples, self.pad_id)
+        return apply_kl_reward(samples, ref, kl, self.assign_advantages)
 
     def assign_advantages(self, samples: Sequence[Sample]) -> None:
         from drpo_megatron.algorithms import compute_advantages
@@ -182,11 +200,16 @@ class Components:
         k = self.cfg.optim.updates_per_rollout
         per = len(samples) // k  # whole groups: prompts_per_step is divisible by k
         old_policy = self.actor.loss_cfg.anchor == "old_policy"
+        correction = self.cfg.loss.correction.kind != "none"  # its ρ = π_old / µ
         reports = []
         for u in range(k):
             sl = slice(u * per, (u + 1) * per)
+            # loss.kl in the loss: one reference forward per mini-batch
+            ref = (self.reference.compute_logprobs(samples[sl], self.pad_id)
+                   if self.cfg.loss.kl.in_loss else None)
             reports.append(self.actor.train_step(
-                samples[sl], self.pad_id, anchor_logp=self._old_logp[sl] if old_policy else None))
+                samples[sl], self.pad_id, anchor_logp=self._old_logp[sl] if old_policy else None,
+                ref_logp=ref, old_logp=self._old_logp[sl] if correction else None))
         out: dict[str, float] = {}
         for key in reports[0]:
             vals = [r[key] for r in reports if key in r]
@@ -242,6 +265,8 @@ class Components:
                 log.warning("closing the weight transport: %s", e)
         for s in self.servers:
             s.stop()
+        if self.reward_fn is not None:
+            self.reward_fn.close()  # the reward worker processes
         if self.writers is not None:
             self.writers.close()
 
@@ -282,8 +307,9 @@ def seeded_generate_groups(server, prompts, answers, *, n: int, temperature: flo
             for i, out in enumerate(outs)]
 
 
-def next_prompts(c: Components, k: int) -> tuple[list[list[int]], list[str]]:
-    """The next ``k`` training problems (reshuffled every epoch), as token ids + answers."""
+def next_prompts(c: Components, k: int) -> tuple[list[list[int]], list]:
+    """The next ``k`` training problems (reshuffled every epoch), as token ids + the problems
+    (``answer``, ``prompt_text``, ``meta``)."""
     from drpo_megatron.data.math import encode_prompt
 
     prompts, answers = [], []
@@ -295,7 +321,7 @@ def next_prompts(c: Components, k: int) -> tuple[list[list[int]], list[str]]:
         p = c.train_set[c.order[c.cursor % len(c.train_set)]]
         c.cursor += 1
         prompts.append(encode_prompt(c.tokenizer, p.prompt_text))
-        answers.append(p.answer)
+        answers.append(p)
     return prompts, answers
 
 
@@ -314,9 +340,10 @@ def evaluate(c: Components, *, version: int) -> dict[str, float]:
     samples = generate_groups(c.servers[0], prompts, [p.answer for p in c.eval_set], n=k,
                               temperature=r.temperature, top_p=r.top_p,
                               max_new_tokens=r.max_new_tokens)
+    attach_task(samples, c.eval_set, k)
     c.score(samples)
     acc = sum(s.reward for s in samples) / max(len(samples), 1)
-    out = {"eval/accuracy": acc, f"eval/avg@{k}": acc}
+    out = {"eval/accuracy": acc, f"eval/avg@{k}": acc, **c.reward_fn.pop_metrics("eval/reward/")}
     sources = [getattr(p, "source", "") for p in c.eval_set]
     if len(set(sources)) > 1:  # samples are group-major: sample i belongs to problem i // k
         for src in sorted(set(sources)):
@@ -334,14 +361,15 @@ def build_components(cfg: RunConfig) -> Components:
     from drpo_megatron.mismatch.writers import build_writers
     from drpo_megatron.models.megatron_model import init_distributed
     from drpo_megatron.models.tiny import ensure_tiny_checkpoint
-    from drpo_megatron.rewards import build_reward
+    from drpo_megatron.rewards import build_scorer
     from drpo_megatron.training.actor import MegatronActor
     from drpo_megatron.training.ranks import is_driver
     from drpo_megatron.weights.transport import WEIGHT_TRANSPORTS, build_transport
 
     # cheap checks first: nothing below starts before these pass
     make_loss_config(cfg.loss.name, cfg.loss.params)
-    reward_fn = build_reward("math_verify_boxed")
+    # reward.*: the driver (rank 0) probes an HTTP reward server now, before the first rollout
+    reward_fn = build_scorer(cfg.reward, probe=int(os.environ.get("RANK", "0")) == 0)
     if cfg.rollout.weight_transport not in WEIGHT_TRANSPORTS:
         build_transport(cfg.rollout.weight_transport, None, [], ".")  # raises the clear error
     check_world_size(cfg)
@@ -382,6 +410,11 @@ def build_components(cfg: RunConfig) -> Components:
     try:  # whatever fails from here on, the servers and the router we started are stopped
         rollout.start()
         actor = MegatronActor(actor_config(cfg, policy))
+        reference = None
+        if cfg.loss.kl.enabled:  # loss.kl: frozen reference, same layout (training/reference.py)
+            from drpo_megatron.training.reference import ReferencePolicy
+
+            reference = ReferencePolicy(actor.cfg, cfg.loss.kl.ref_path or str(policy))
         rollout.wait_ready()  # every server healthy at version "0" (and registered)
         servers = rollout.servers
         flops_model = FlopsModel.from_hf_config(json.loads((policy / "config.json").read_text()))
@@ -419,12 +452,13 @@ def build_components(cfg: RunConfig) -> Components:
         if transport is not None and hasattr(transport, "close"):
             transport.close()
         rollout.stop()
+        reward_fn.close()
         raise
     return Components(cfg=cfg, run_dir=run_dir, tokenizer=tokenizer, train_set=train_set,
                       eval_set=eval_set, actor=actor, servers=[front] if driver else [],
                       transport=transport, writers=writers, reward_fn=reward_fn,
                       pad_id=tokenizer.pad_token_id, flops_model=flops_model, peak_flops=peak,
-                      driver=driver)
+                      driver=driver, reference=reference)
 
 
 def check_world_size(cfg: RunConfig) -> None:
@@ -456,6 +490,7 @@ def actor_config(cfg: RunConfig, policy: Path):
         weight_decay=cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip,
         adam_betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2), loss_name=cfg.loss.name,
         loss_params=cfg.loss.params, aggregation=cfg.loss.aggregation, horizon=cfg.loss.horizon,
-        temperature=cfg.rollout.temperature, seed=cfg.train.seed,
+        temperature=cfg.rollout.temperature, seed=cfg.train.seed, kl=cfg.loss.kl,
+        correction=cfg.loss.correction,
         model_overrides=({} if cfg.model.moe_aux_loss_coeff is None else
                          {"moe_aux_loss_coeff": cfg.model.moe_aux_loss_coeff}))

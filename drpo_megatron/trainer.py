@@ -77,6 +77,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
                 c.assign_advantages(samples)
             samples = c.share(samples)
             metrics.update(c.rollout_metrics(samples, current_version=step - 1))
+            metrics.update(c.kl_reward(samples))  # loss.kl.in_reward: reward - coef * KL(µ||ref)
             c.record(step, samples)
 
             # 4. train: mismatch of the rollout policy vs the trainer, then mini-batch updates

@@ -32,7 +32,8 @@ from typing import Any, Sequence
 
 import torch
 
-from drpo_megatron.algorithms import POLICY_LOSSES, aggregate_loss, make_loss_config, reduce_metrics
+from drpo_megatron.algorithms import (POLICY_LOSSES, add_loss_terms, aggregate_loss,
+                                      make_loss_config, reduce_metrics)
 from drpo_megatron.algorithms.losses import LOSS_EXTRAS
 from drpo_megatron.rollout.engine import Sample
 from drpo_megatron.training.batch import MicroBatch, causal_attention_mask, pack_samples
@@ -66,6 +67,9 @@ class ActorConfig:
     logprob_impl: str = "chunked"  # "chunked" (hidden states -> chunked log-probs) | "logits"
     model_overrides: dict = field(default_factory=dict)  # Megatron provider fields, set last
     fp8: str = ""  # "" | "blockwise" | "tensorwise" | "delayed" | "<e4m3|hybrid>-<recipe>" (GPU + TE)
+    # loss.kl (KLConfig) / loss.correction (CorrectionConfig): algorithms/loss_terms.py; None = off
+    kl: Any = None
+    correction: Any = None
 
 
 def _tp_group():
@@ -202,11 +206,17 @@ class MegatronActor:
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, samples: Sequence[Sample], pad_id: int, *,
-                   anchor_logp: Sequence[torch.Tensor] | None = None) -> dict[str, float]:
+                   anchor_logp: Sequence[torch.Tensor] | None = None,
+                   ref_logp: Sequence[torch.Tensor] | None = None,
+                   old_logp: Sequence[torch.Tensor] | None = None) -> dict[str, float]:
         """One optimizer step on ``samples`` (a mini-batch of whole prompt groups).
 
         ``anchor_logp``: per-sample anchor log-probs replacing the rollout's µ (the recomputed
         π_old anchor); None = anchor on the rollout engine's log-probs.
+
+        ``cfg.kl`` in the loss / ``cfg.correction`` (``add_loss_terms``): ``ref_logp`` = the
+        reference policy's per-sample log-probs, ``old_logp`` = π_old's (recomputed before the
+        step's first update; the correction's ρ = π_old / µ against the rollout's µ).
 
         Samples with ``in_loss`` False (``rollout.overlong: filter``) are masked out of the loss
         and its token / sequence denominators.  Top-K losses (DPPO top-K) get their extras:
@@ -221,6 +231,12 @@ class MegatronActor:
         if self._needs_topk and self.cfg.logprob_impl != "chunked":
             raise ValueError(f"loss {self.cfg.loss_name!r} needs logprob_impl='chunked' (the "
                              "top-K policy log-probs are computed in the chunked pass)")
+        terms = _loss_term_inputs(self.cfg)  # loss.kl in the loss / loss.correction
+        given = {"ref_logp": ref_logp, "old_logp": old_logp,
+                 "rollout_logp": [s.rollout_logp for s in samples]}  # µ, before an anchor swap
+        missing = sorted(k for k in terms if given[k] is None)
+        if missing:
+            raise ValueError(f"train_step: loss.kl / loss.correction need {missing}")
         if anchor_logp is not None:
             samples = [Sample(**{**s.__dict__, "rollout_logp": a.tolist()})
                        for s, a in zip(samples, anchor_logp)]
@@ -238,6 +254,11 @@ class MegatronActor:
                             first_seq_id=first + i, with_topk=self._needs_topk)
                for i in range(0, len(local), self.cfg.micro_batch_size)]
         num_mb = len(mbs)
+        # per-token tensors of loss.kl / loss.correction, packed like the micro-batch's µ
+        per_mb_terms = {
+            id(mb): {k: _pack_rows(mb.loss_mask, given[k][first + i: first + i + mb.tokens.shape[0]])
+                     for k in terms}
+            for i, mb in zip(range(0, len(local), self.cfg.micro_batch_size), mbs)}
         # global denominators: all micro-batches of all data-parallel ranks of this step
         global_tokens, global_seqs = _all_reduce_sum(
             [float(sum(mb.num_tokens for mb in mbs)), float(sum(mb.num_seqs for mb in mbs))], dp)
@@ -254,6 +275,12 @@ class MegatronActor:
             per_token, metrics = self.loss_fn(
                 logp, mb.rollout_logp[m], mb.advantages[m], in_loss,
                 self.loss_cfg, seq_ids=mb.seq_ids[m], **extra)
+            if terms:  # c_t * loss_t + beta * KL_t (loss.correction / loss.kl in the loss)
+                per_token, more = add_loss_terms(
+                    per_token, logp, in_loss, anchor=self.loss_cfg.anchor, kl=self.cfg.kl,
+                    correction=self.cfg.correction, seq_ids=mb.seq_ids[m],
+                    **{k: v[m] for k, v in per_mb_terms.pop(id(mb)).items()})
+                metrics = {**metrics, **more}
             loss = aggregate_loss(per_token, in_loss,
                                   self.cfg.aggregation, seq_ids=mb.seq_ids[m],
                                   global_num_tokens=global_tokens, global_num_seqs=global_seqs,
@@ -313,6 +340,26 @@ class MegatronActor:
         optimizer and restore this rank's RNG states; returns ``(step, extra_state)``."""
         step = self._mm.load_megatron_checkpoint(self.model, self.optimizer, ckpt_dir)
         return step, self._mm.load_trainer_state(ckpt_dir)
+
+
+def _loss_term_inputs(cfg: ActorConfig) -> tuple[str, ...]:
+    """The per-token inputs of the loop's loss terms (``add_loss_terms``): ``ref_logp`` for
+    loss.kl in the loss, ``old_logp`` (π_old) and ``rollout_logp`` (µ) for loss.correction;
+    empty = the plain policy loss."""
+    out: tuple[str, ...] = ()
+    if cfg.kl is not None and cfg.kl.in_loss:
+        out += ("ref_logp",)
+    if cfg.correction is not None and cfg.correction.kind != "none":
+        out += ("old_logp", "rollout_logp")
+    return out
+
+
+def _pack_rows(loss_mask: torch.Tensor, rows: Sequence) -> torch.Tensor:
+    """[B, S] fp32 with row b's per-response-token values at ``loss_mask[b]`` (0 elsewhere)."""
+    out = torch.zeros(loss_mask.shape, dtype=torch.float32)
+    flat = [torch.as_tensor(r, dtype=torch.float32).reshape(-1) for r in rows]
+    out[loss_mask] = torch.cat(flat) if flat else torch.zeros(0)
+    return out
 
 
 def _from_last_stage(results: list[torch.Tensor]) -> list[torch.Tensor]:
