@@ -2,7 +2,10 @@
 
 A Python thread cannot be stopped, and math-verify's own timeout (``signal.alarm``) works only in
 the main thread and only where the running code lets the signal handler in.  So every reward call
-runs in one of ``num_workers`` spawned worker processes that import the reward function once
+runs in one of ``num_workers`` worker processes (``python -m drpo_megatron.rewards.pool``: a fresh
+interpreter, never a fork of the threaded trainer, and unlike multiprocessing's spawn it does not
+re-import the trainer's main module; the parent's ``sys.path`` goes along as ``PYTHONPATH``, two
+pipes carry pickled messages) that import the reward function once
 (from its spec, as :func:`~drpo_megatron.rewards.loader.load_function` does) and then serve calls;
 a call still running at its deadline is ended by SIGKILL of its worker, which is replaced by a new
 one.  The deadline starts when the call is handed to a worker that has finished importing, so
@@ -26,9 +29,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import multiprocessing
 import multiprocessing.connection as mpc
+import os
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -68,9 +73,9 @@ def _call(fn, mode: str, payload):
     return out
 
 
-def _worker_main(conn, spec: str) -> None:
-    """A worker: import ``spec``, say ready, then answer ``(task_id, mode, payload)`` messages
-    until ``None`` or the pipe closes."""
+def _worker_main(inbox, conn, spec: str) -> None:
+    """A worker: import ``spec``, say ready on ``conn``, then answer ``(task_id, mode,
+    payload)`` messages from ``inbox`` until ``None`` or the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
     try:
         from drpo_megatron.rewards.loader import load_function
@@ -85,7 +90,7 @@ def _worker_main(conn, spec: str) -> None:
     conn.send(("ready", None))
     while True:
         try:
-            msg = conn.recv()
+            msg = inbox.recv()
         except (EOFError, OSError):
             return
         if msg is None:
@@ -104,8 +109,9 @@ def _worker_main(conn, spec: str) -> None:
 
 @dataclass
 class _Worker:
-    proc: Any
-    conn: Any
+    proc: subprocess.Popen
+    conn: Any  # results from the worker (readable; EOF when it dies)
+    inbox: Any  # tasks to the worker
     started: float
     ready: bool = False
     task: int | None = None
@@ -119,44 +125,54 @@ class RewardWorkerPool:
         self.spec = spec
         self.num_workers = num_workers
         self.start_timeout_s = start_timeout_s
-        self._ctx = multiprocessing.get_context("spawn")  # no fork of a threaded trainer
         self._workers: list[_Worker] = []
         self.kills = 0  # workers killed at a deadline (for tests and logs)
 
     # ------------------------------------------------------------------ lifecycle
     def _spawn(self) -> _Worker:
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_worker_main, args=(child, self.spec), daemon=True,
-                                 name="drpo-reward-worker")
-        proc.start()
-        child.close()
-        return _Worker(proc, parent, time.monotonic())
+        task_r, task_w = os.pipe()
+        res_r, res_w = os.pipe()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        proc = subprocess.Popen([sys.executable, "-m", __name__, str(task_r), str(res_w),
+                                 self.spec], pass_fds=(task_r, res_w), env=env,
+                                stdin=subprocess.DEVNULL)
+        os.close(task_r)
+        os.close(res_w)
+        return _Worker(proc, mpc.Connection(res_r, writable=False),
+                       mpc.Connection(task_w, readable=False), time.monotonic())
 
     def start(self) -> None:
         """Start the workers (they import in the background); idempotent."""
         while len(self._workers) < self.num_workers:
             self._workers.append(self._spawn())
 
-    def _replace(self, w: _Worker) -> None:
-        if w.proc.is_alive():
+    @staticmethod
+    def _stop(w: _Worker, grace_s: float = 0.0) -> None:
+        if grace_s > 0:
+            try:
+                w.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        if w.proc.poll() is None:
             w.proc.kill()
-        w.proc.join(timeout=10)
+        w.proc.wait()
         w.conn.close()
+        w.inbox.close()
+
+    def _replace(self, w: _Worker) -> None:
+        self._stop(w)
         self._workers[self._workers.index(w)] = self._spawn()
 
     def close(self) -> None:
+        """Ask every worker to exit, SIGKILL those still running after ``STOP_GRACE_S``."""
         for w in self._workers:
             try:
-                w.conn.send(None)
+                w.inbox.send(None)
             except OSError:
                 pass
         end = time.monotonic() + STOP_GRACE_S
         for w in self._workers:
-            w.proc.join(timeout=max(0.0, end - time.monotonic()))
-            if w.proc.is_alive():
-                w.proc.kill()
-                w.proc.join(timeout=10)
-            w.conn.close()
+            self._stop(w, grace_s=max(0.01, end - time.monotonic()))
         self._workers = []
 
     # ------------------------------------------------------------------ calls
@@ -172,21 +188,20 @@ class RewardWorkerPool:
                 if w.ready and w.task is None and queue:
                     i = queue.popleft()
                     mode, payload, limit = tasks[i]
-                    w.conn.send((i, mode, payload))
+                    w.inbox.send((i, mode, payload))
                     w.task, w.deadline = i, time.monotonic() + limit
             now = time.monotonic()
             due = [w.deadline if w.ready else w.started + self.start_timeout_s
                    for w in self._workers if w.task is not None or not w.ready]
             timeout = max(0.0, min(due) - now) if due else None
-            handles = [w.conn for w in self._workers] + [w.proc.sentinel for w in self._workers]
-            ready = set(mpc.wait(handles, timeout))
+            ready = set(mpc.wait([w.conn for w in self._workers], timeout))
             for w in list(self._workers):
                 if w.conn in ready:
                     try:
                         msg = w.conn.recv()
                     except (EOFError, OSError):
                         msg = None
-                    if msg is None:  # the worker died (segfault, OOM kill, os._exit ...)
+                    if msg is None:  # EOF: the worker died (segfault, OOM kill, os._exit ...)
                         self._died(w, results)
                     elif not w.ready:
                         if msg[0] != "ready":
@@ -198,8 +213,6 @@ class RewardWorkerPool:
                         tid, status, value = msg
                         results[tid] = (status, value)
                         w.task = None
-                elif w.proc.sentinel in ready:
-                    self._died(w, results)
             now = time.monotonic()
             for w in list(self._workers):
                 if w.task is not None and now >= w.deadline:
@@ -216,8 +229,10 @@ class RewardWorkerPool:
         return results  # type: ignore[return-value]
 
     def _died(self, w: _Worker, results: list) -> None:
-        w.proc.join(timeout=5)
-        code = w.proc.exitcode
+        try:
+            code = w.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
         if w.task is not None:
             results[w.task] = ("error", f"the reward worker died (exit code {code}) during the call")
             w.task = None
@@ -226,3 +241,8 @@ class RewardWorkerPool:
             raise RewardError(f"a reward worker for {self.spec!r} died while starting (exit code "
                               f"{code})")
         self._replace(w)
+
+
+if __name__ == "__main__":  # a worker: python -m drpo_megatron.rewards.pool TASK_FD RESULT_FD SPEC
+    _worker_main(mpc.Connection(int(sys.argv[1]), writable=False),
+                 mpc.Connection(int(sys.argv[2]), readable=False), sys.argv[3])
