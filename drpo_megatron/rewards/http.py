@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import NewConnectionError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.util.retry import Retry
 
@@ -48,7 +49,8 @@ def _is_timeout(exc: BaseException) -> bool:
         if id(e) in seen or e is None:
             continue
         seen.add(id(e))
-        if isinstance(e, (Urllib3Timeout, socket.timeout)):
+        # urllib3 derives NewConnectionError (refused, unreachable) from ConnectTimeoutError
+        if isinstance(e, (Urllib3Timeout, socket.timeout)) and not isinstance(e, NewConnectionError):
             return True
         stack.extend([getattr(e, "reason", None), e.__cause__, e.__context__,
                       *[a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]])

@@ -121,6 +121,8 @@ class RewardScorer:
             outcomes = self.http.score(*map(list, zip(*inputs)))
         else:
             outcomes = self._function_outcomes(inputs)
+        limit = (f"reward.http.timeout_s={c.http.timeout_s:g} per request"
+                 if self.http is not None else f"reward.timeout_s={c.timeout_s:g}")
         timeouts = fallbacks = 0
         for i, (s, (status, value)) in enumerate(zip(samples, outcomes)):
             if status == "ok":
@@ -140,10 +142,9 @@ class RewardScorer:
                 timeouts += 1
                 s.reward = c.timeout_score
                 if timeouts <= MAX_LOGGED_FAILURES:
-                    log.warning("%s: time limit (reward.timeout_s=%g)%s: scored "
-                                "reward.timeout_score=%g; response %r", where, c.timeout_s,
-                                "" if value is None else f": {value}", c.timeout_score,
-                                s.text[:80])
+                    log.warning("%s: time limit (%s)%s: scored reward.timeout_score=%g; "
+                                "response %r", where, limit, "" if value is None else f": {value}",
+                                c.timeout_score, s.text[:80])
                 continue
             if c.on_error == "raise":
                 raise RewardError(f"{where}: {value}. Fix the reward, or set reward.on_error: "
@@ -157,8 +158,6 @@ class RewardScorer:
         self._timeouts += timeouts
         self._fallbacks += fallbacks
         if timeouts + fallbacks > c.max_failure_frac * len(samples):
-            limit = (f"reward.http.timeout_s={c.http.timeout_s:g} per request"
-                     if self.http is not None else f"reward.timeout_s={c.timeout_s:g}")
             raise RewardError(
                 f"{self.name}: {timeouts} of {len(samples)} samples hit the time limit "
                 f"({limit}) and {fallbacks} failed (reward.on_error: fallback): more than "
