@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import LOG_RATIO_CLAMP
+from ._common import LOG_RATIO_CLAMP, compute_dtype
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
 # low_var_kl's cap on the per-token value (verl's clamp of k3 to [-10, 10]; k3 >= 0)
@@ -28,14 +28,15 @@ LOW_VAR_KL_MAX = 10.0
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
-    """Per-token KL(pi || ref) estimate of kind k1 | k2 | k3 | low_var_kl, fp32, same shape as
-    ``logp``."""
+    """Per-token KL(pi || ref) estimate of kind k1 | k2 | k3 | low_var_kl, fp32 (fp64 for fp64
+    ``logp``), same shape as ``logp``."""
     if kind not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {kind!r}. Fix: choose one of {list(KL_ESTIMATORS)}")
     if ref_logp.shape != logp.shape:
         raise ValueError(f"ref_logp shape {tuple(ref_logp.shape)} != logp shape "
                          f"{tuple(logp.shape)}")
-    log_rho = (ref_logp.detach().float() - logp.float()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    dt = compute_dtype(logp.dtype)
+    log_rho = (ref_logp.detach().to(dt) - logp.to(dt)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     if kind == "k1":
         return -log_rho
     if kind == "k2":
