@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S = 300.0
 # How long close() waits for a worker to exit after asking it to, before SIGKILL.
 STOP_GRACE_S = 2.0
+# prctl option: the signal a process gets when its parent dies (linux/prctl.h)
+PR_SET_PDEATHSIG = 1
 
 
 class RewardError(RuntimeError):
@@ -73,10 +75,30 @@ def _call(fn, mode: str, payload):
     return out
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this worker when the trainer dies (a worker stuck in a pathological call
+    would otherwise outlive a crashed trainer; a clean exit closes the pipes and the worker's
+    next read ends it).  No-op elsewhere.  The kernel ties this to the *thread* that started
+    the worker: the pool must be used from a long-lived thread (the loop's main thread)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the trainer died before prctl took effect
+        os._exit(1)
+
+
 def _worker_main(inbox, conn, spec: str) -> None:
     """A worker: import ``spec``, say ready on ``conn``, then answer ``(task_id, mode,
     payload)`` messages from ``inbox`` until ``None`` or the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
+    _die_with_parent()
     try:
         from drpo_megatron.rewards.loader import load_function
 
