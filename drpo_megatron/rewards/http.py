@@ -50,7 +50,8 @@ def _is_timeout(exc: BaseException) -> bool:
             continue
         seen.add(id(e))
         # urllib3 derives NewConnectionError (refused, unreachable) from ConnectTimeoutError
-        if isinstance(e, (Urllib3Timeout, socket.timeout)) and not isinstance(e, NewConnectionError):
+        if isinstance(e, (Urllib3Timeout, socket.timeout)) and \
+                not isinstance(e, NewConnectionError):
             return True
         stack.extend([getattr(e, "reason", None), e.__cause__, e.__context__,
                       *[a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]])
@@ -79,7 +80,8 @@ class HttpReward:
         a read timeout (a server trickling bytes can stretch a read; the guard cuts it), plus the
         backoff sleeps; + 1 s of slack."""
         c = self.cfg
-        sleeps = sum(min(BACKOFF_MAX_S, c.backoff_s * 2 ** (k - 1)) for k in range(2, c.retries + 2))
+        sleeps = sum(min(BACKOFF_MAX_S, c.backoff_s * 2 ** (k - 1))
+                     for k in range(2, c.retries + 2))
         return (c.retries + 1) * 2 * c.timeout_s + sleeps + 1.0
 
     def probe(self) -> None:
@@ -93,7 +95,8 @@ class HttpReward:
         except OSError as e:
             raise RewardConfigError(
                 f"reward.http.url={self.cfg.url!r}: cannot connect to {parts.hostname}:{port} "
-                f"({type(e).__name__}: {e}); start the reward server first, or fix the URL") from None
+                f"({type(e).__name__}: {e}); start the reward server first, or fix the URL"
+            ) from None
 
     def _post(self, prompts, responses, metas) -> tuple[str, Any]:
         c = self.cfg

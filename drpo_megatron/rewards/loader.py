@@ -42,7 +42,8 @@ def load_function(spec: str) -> Callable:
                   "file's directory, or an absolute one")
         # one module per file (the name carries a hash of the path): two files named reward.py
         # in different directories do not shadow each other
-        mod_name = f"drpo_user_reward_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+        digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+        mod_name = f"drpo_user_reward_{path.stem}_{digest}"
         mod = sys.modules.get(mod_name)
         if mod is None:
             loader_spec = importlib.util.spec_from_file_location(mod_name, path)

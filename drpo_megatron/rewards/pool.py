@@ -256,7 +256,8 @@ class RewardWorkerPool:
         except subprocess.TimeoutExpired:
             code = None
         if w.task is not None:
-            results[w.task] = ("error", f"the reward worker died (exit code {code}) during the call")
+            results[w.task] = ("error",
+                               f"the reward worker died (exit code {code}) during the call")
             w.task = None
         elif not w.ready:
             self.close()

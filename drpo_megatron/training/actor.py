@@ -256,7 +256,7 @@ class MegatronActor:
         num_mb = len(mbs)
         # per-token tensors of loss.kl / loss.correction, packed like the micro-batch's µ
         per_mb_terms = {
-            id(mb): {k: _pack_rows(mb.loss_mask, given[k][first + i: first + i + mb.tokens.shape[0]])
+            id(mb): {k: _pack_rows(mb.loss_mask, given[k][first + i:first + i + len(mb.tokens)])
                      for k in terms}
             for i, mb in zip(range(0, len(local), self.cfg.micro_batch_size), mbs)}
         # global denominators: all micro-batches of all data-parallel ranks of this step

@@ -1,11 +1,11 @@
 """`drpo train` with the loop options of docs/rewards.md and docs/losses.md, on CPU, few steps
 (real SGLang server, real Megatron actor and reference policy):
 
-* run ``function``: the example task's custom reward (model_configs/custom_reward.py, a file
-  next to the config) on jsonl problems with extra fields, KL to the reference in the loss (k3),
-  IcePop correction with the old_policy anchor;
-* run ``http``: a reward server on 127.0.0.1 started here, KL in the reward, geo_mis rejection
-  with the rollout anchor, the arithmetic task.
+* run ``function``: the example task model_configs/tiny_qwen3_moe_cpu_custom_reward.yaml (its
+  custom reward model_configs/custom_reward.py is a file next to the config), sized down, with KL
+  to the reference in the loss (k3) and the IcePop correction (old_policy anchor);
+* run ``http``: a reward server on 127.0.0.1 started here, on jsonl problems with extra fields,
+  KL in the reward, geo_mis rejection with the rollout anchor.
 
 Checked against independent references: the rewards recomputed here from rollouts.jsonl with
 the example function, the KL penalties recomputed with HF transformers' log-probs of the initial
@@ -28,6 +28,7 @@ import torch
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE_CONFIG = ROOT / "model_configs" / "tiny_qwen3_moe_cpu_custom_reward.yaml"
 EXAMPLE_REWARD = ROOT / "model_configs" / "custom_reward.py"
 STEPS = 2
 KL_COEF = 0.05
@@ -64,29 +65,30 @@ def _jsonl(path: Path, pairs) -> str:
 # ---------------------------------------------------------------- function reward, KL in the loss
 @pytest.fixture(scope="module")
 def function_run(root, drpo_train):
+    import yaml
+
     shutil.copy(EXAMPLE_REWARD, root / "custom_reward.py")  # next to the run's config file
-    cfg = _base(root)
-    cfg["task"] = {"kind": "math", "prompt_template": "{problem}=",
-                   "train_file": _jsonl(root / "train.jsonl", [(1, 2), (3, 4), (2, 2), (5, 1)]),
-                   "eval_files": [_jsonl(root / "eval.jsonl", [(1, 1), (2, 3)])]}
-    cfg["reward"].update(kind="function", function="custom_reward.py:format_exact_match",
-                         timeout_s=30.0)
-    cfg["loss"].update(params={"delta": 12.5, "anchor": "old_policy"},
-                       kl={"coef": KL_COEF, "estimator": "k3"},
-                       correction={"kind": "icepop"})
+    cfg = yaml.safe_load(EXAMPLE_CONFIG.read_text())
+    assert cfg["reward"]["function"] == "custom_reward.py:format_exact_match"
+    base = _base(root)
+    for section in ("model", "rollout", "train", "logging"):
+        cfg[section].update(base[section])
+    cfg["task"]["num_eval"] = 4
+    cfg["optim"]["updates_per_rollout"] = 2
+    cfg["loss"].update(horizon=12, params={"delta": 12.5, "anchor": "old_policy"},
+                       kl={"coef": KL_COEF, "estimator": "k3"}, correction={"kind": "icepop"})
     return drpo_train(cfg, root, name="function", timeout=1200)
 
 
-def test_function_reward_with_task_fields(function_run):
+def test_example_config_custom_reward(function_run):
     spec = importlib.util.spec_from_file_location("example_reward", EXAMPLE_REWARD)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     rows = _rows(function_run / "rollouts.jsonl")
     assert {r["step"] for r in rows} == set(range(1, STEPS + 1))
-    for r in rows:  # the jsonl's extra fields reached the reward, which scored what we score
+    for r in rows:  # the task's fields reached the reward, which scored what we score
         task = r["meta"]["task"]
-        assert task["max_chars"] == 10 and task["difficulty"] in ("easy", "hard")
-        assert r["meta"]["prompt"].endswith("=")
+        assert set(task) == {"answer", "question"} and r["meta"]["prompt"] == task["question"] + "="
         want = mod.format_exact_match(r["meta"]["prompt"], r["text"], task)
         assert r["reward"] == pytest.approx(want["score"])
         assert r["meta"]["reward_info"]["format_ok"] == want["format_ok"]
@@ -150,7 +152,9 @@ class _Server:
 def http_run(root, drpo_train, function_run):  # after the function run: its cached policy
     server = _Server()
     cfg = _base(root)
-    cfg["task"] = {"num_eval": 4}
+    cfg["task"] = {"kind": "math", "prompt_template": "{problem}=",
+                   "train_file": _jsonl(root / "train.jsonl", [(1, 2), (3, 4), (2, 2), (5, 1)]),
+                   "eval_files": [_jsonl(root / "eval.jsonl", [(1, 1), (2, 3)])]}
     cfg["reward"].update(kind="http", http={"url": server.url, "batch_size": 3, "concurrency": 2,
                                             "timeout_s": 60.0})
     cfg["loss"].update(kl={"coef": KL_COEF, "estimator": "k3", "in_reward": True},
@@ -162,11 +166,15 @@ def http_run(root, drpo_train, function_run):  # after the function run: its cac
     return out, server
 
 
-def test_http_reward_reaches_the_server_with_task_fields(http_run):
+def test_http_reward_reaches_the_server_with_jsonl_fields(http_run):
     run, server = http_run
     assert server.bodies and all(len(b["responses"]) <= 3 for b in server.bodies)
     metas = [m for b in server.bodies for m in b["metas"]]
-    assert all(set(m) == {"answer", "question"} for m in metas)
+    # every field of the jsonl row but the prompt, extra fields included
+    assert all(set(m) == {"answer", "max_chars", "difficulty"} for m in metas)
+    assert all(m["max_chars"] == 10 and m["difficulty"] == ("easy" if int(m["answer"]) < 6
+                                                            else "hard") for m in metas)
+    assert all(p.endswith("=") for b in server.bodies for p in b["prompts"])
     rows = _rows(run / "rollouts.jsonl")
     for r in rows:
         want = float(f"\\boxed{{{r['answer']}}}" in r["text"])
