@@ -312,7 +312,7 @@ def next_prompts(c: Components, k: int) -> tuple[list[list[int]], list]:
     (``answer``, ``prompt_text``, ``meta``)."""
     from drpo_megatron.data.math import encode_prompt
 
-    prompts, answers = [], []
+    prompts, problems = [], []
     for _ in range(k):
         if c.cursor % len(c.train_set) == 0:
             rng = random.Random(c.cfg.train.seed + c.cursor // len(c.train_set))
@@ -321,8 +321,8 @@ def next_prompts(c: Components, k: int) -> tuple[list[list[int]], list]:
         p = c.train_set[c.order[c.cursor % len(c.train_set)]]
         c.cursor += 1
         prompts.append(encode_prompt(c.tokenizer, p.prompt_text))
-        answers.append(p)
-    return prompts, answers
+        problems.append(p)
+    return prompts, problems
 
 
 def evaluate(c: Components, *, version: int) -> dict[str, float]:
