@@ -28,6 +28,8 @@ from drpo_megatron.data.math import DataError, check_template
 from drpo_megatron.mismatch.writers import WriterName
 from drpo_megatron.models.config import ArchConfig, ModelConfig, ParallelConfig
 from drpo_megatron.models.tiny import VOCAB_SIZE
+from drpo_megatron.rewards.config import (RewardConfig, RewardConfigError, check_reward_config,
+                                          resolve_reward_paths)
 from drpo_megatron.rollout.auth import ApiKeyError, read_key_file
 from drpo_megatron.rollout.router import RouterKind, RouterPolicy
 from drpo_megatron.rollout.sampling import OnExhausted, OverlongMode
@@ -182,7 +184,9 @@ class RunConfig(Section):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     """Sampling and rollout servers."""
     loss: LossSection = Field(default_factory=LossSection)
-    """Policy loss, its parameters, aggregation and advantages."""
+    """Policy loss, its parameters, aggregation and advantages, reference KL, correction."""
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    """What scores a response: math-verify, your function, or a reward server (docs/rewards.md)."""
     optim: OptimConfig = Field(default_factory=OptimConfig)
     """Optimizer."""
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -283,6 +287,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if sets:
         data = apply_sets(data, sets)
     cfg = build_section(RunConfig, data)
+    # reward.function "file.py:fn" is relative to the config file: made absolute here, so the
+    # run's resolved config.yaml still points at it
+    resolve_reward_paths(cfg.reward, Path(path).expanduser().resolve().parent if path else None)
     validate(cfg)
     return cfg
 
@@ -296,6 +303,10 @@ def torch_cuda_available() -> bool:
 def validate(cfg: RunConfig) -> None:
     """Checks across sections and of the machine (files, devices), after the per-field ones."""
     r, o, t, lo = cfg.rollout, cfg.optim, cfg.train, cfg.loss
+    try:
+        check_reward_config(cfg.reward)  # reward.kind function: it imports, its signature fits
+    except RewardConfigError as e:
+        raise ConfigError(str(e)) from None
     if r.prompts_per_step % o.updates_per_rollout:
         raise ConfigError(
             f"optim.updates_per_rollout={o.updates_per_rollout} must divide rollout.prompts_per_step="

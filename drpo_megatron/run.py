@@ -31,13 +31,14 @@ from drpo_megatron.models.megatron_model import init_distributed
 from drpo_megatron.models.tiny import ensure_tiny_checkpoint
 from drpo_megatron.operate.rundir import (Progress, RolloutRecorder, check_writable, setup_run_dir,
                                           unsafe_resume_changes)
-from drpo_megatron.rewards import build_reward
+from drpo_megatron.rewards.scorer import build_scorer
 from drpo_megatron.rollout.generator import RolloutGenerator
 from drpo_megatron.rollout.router import RolloutSetup, resolve_router_url, rollout_api_key
 from drpo_megatron.rollout.verify import DEFAULT_ATOL
 from drpo_megatron.schema import ConfigError
 from drpo_megatron.training.actor import MegatronActor
 from drpo_megatron.training.checkpoint import find_checkpoint, read_trainer_state
+from drpo_megatron.training.reference import ReferencePolicy
 from drpo_megatron.training.flops import FlopsModel, ThroughputMeter, device_peak_flops
 from drpo_megatron.weights.sync import (PausedTransport, VerifiedTransport, actor_reference,
                                         collective_only_resync, export_dir_resync,
@@ -67,6 +68,7 @@ class Run:
     prompts: PromptStream          # training problems, data cursor (checkpointed)
     rollout: RolloutGenerator | None  # generate, reward, advantages, eval (driver)
     actor: MegatronActor           # log-probs, updates, checkpoints, weight export
+    reference: ReferencePolicy | None  # loss.kl: the frozen reference policy (same layout)
     monitor: MismatchMonitor       # mismatch/ metrics of π vs µ
     sync: VerifiedTransport        # weights -> servers (paused, checked)
     writers: MultiWriter           # metrics.jsonl, TensorBoard, W&B (driver)
@@ -83,6 +85,8 @@ class Run:
         except Exception as e:  # noqa: BLE001 - teardown goes on
             log.warning("closing the weight transport: %s", e)
         self.servers.stop()
+        if self.rollout is not None:
+            self.rollout.close()  # the reward's worker processes
         self.writers.close()
 
 
@@ -162,8 +166,7 @@ def preflight(cfg: RunConfig) -> None:
 def build_run(cfg: RunConfig) -> Run:
     """Every component of the run, built in the order that lets servers load while the actor
     builds; whatever fails after the servers started stops them again."""
-    build_reward("math_verify_boxed")  # cheap checks first: nothing below starts before these
-    check_world_size(cfg)
+    check_world_size(cfg)  # cheap checks first: nothing below starts before these
     if is_driver_process():
         preflight(cfg)
 
@@ -184,10 +187,16 @@ def build_run(cfg: RunConfig) -> Run:
     server_logs = Path(os.environ.get("DRPO_SERVER_LOG_DIR") or run_dir / "logs")
     setup = RolloutSetup(cfg.rollout, policy, server_logs, driver,
                          api_key=rollout_api_key(cfg.rollout, run_dir) if driver else None)
-    sync = None
+    sync = scorer = None
     try:  # whatever fails from here on, the servers and the router we started are stopped
+        # reward.*: the driver probes an HTTP reward server now, before anything expensive
+        scorer = build_scorer(cfg.reward, probe=driver) if driver else None
         setup.start()  # the driver rank starts the servers first: they load while the actor builds
         actor = MegatronActor(actor_config(cfg, policy), pad_id=tokenizer.pad_token_id)
+        reference = None
+        if cfg.loss.kl.enabled:  # loss.kl: a frozen reference in the actor's layout
+            reference = ReferencePolicy(actor.cfg, cfg.loss.kl.ref_path or str(policy),
+                                        pad_id=tokenizer.pad_token_id)
         setup.wait_ready()  # every server healthy at version "0" (and registered)
         device, peak = device_peak_flops("bf16")
         log.info("MFU is relative to %s peak %.3g FLOP/s", device, peak)
@@ -203,18 +212,20 @@ def build_run(cfg: RunConfig) -> Run:
     except BaseException:
         if sync is not None:
             sync.close()
+        if scorer is not None:
+            scorer.close()
         setup.stop()
         raise
     rollout = None
     if driver:
-        rollout = RolloutGenerator(cfg.rollout, front, build_reward("math_verify_boxed"),
+        rollout = RolloutGenerator(cfg.rollout, front, scorer,
                                    advantage=cfg.loss.advantage, seed=cfg.train.seed,
                                    seeded=cfg.train.seeded_rollouts, top_k=top_k,
                                    eval_problems=eval_set,
                                    eval_k=cfg.train.eval_samples_per_prompt, tokenizer=tokenizer)
     return Run(cfg=cfg, run_dir=run_dir, driver=driver,
                prompts=PromptStream(train_set, tokenizer, seed=cfg.train.seed), rollout=rollout,
-               actor=actor, monitor=MismatchMonitor(cfg.loss.policy, writers), sync=sync,
+               actor=actor, reference=reference, monitor=MismatchMonitor(cfg.loss.policy, writers), sync=sync,
                writers=writers, recorder=RolloutRecorder(run_dir, enabled=driver),
                progress=Progress(enabled=driver), throughput=throughput, servers=setup)
 

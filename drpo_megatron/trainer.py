@@ -16,8 +16,10 @@ from drpo_megatron.errors import NonFiniteError
 from drpo_megatron.operate.preempt import Stopper
 from drpo_megatron.operate.rundir import rollback_jsonl
 from drpo_megatron.rollout.engine import rollout_metrics
+from drpo_megatron.rollout.generator import assign_advantages
 from drpo_megatron.run import Run, build_run
 from drpo_megatron.training.checkpoint import find_checkpoint
+from drpo_megatron.training.reference import apply_kl_reward
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
         raise
     last: dict[str, float] = {}
     old_policy_anchor = cfg.loss.policy.anchor == "old_policy"
+    kl, correction = cfg.loss.kl, cfg.loss.correction.kind != "none"
     nonfinite_streak = 0
     try:
         with stopper.during_startup():
@@ -95,6 +98,11 @@ def train(cfg: RunConfig) -> dict[str, float]:
                 run.rollout.assign_advantages(samples)
             samples = share(samples)
             metrics.update(rollout_metrics(samples, current_version=str(step - 1)))
+            if kl.in_reward and kl.enabled:  # reward - coef * KL(µ || ref), advantages again
+                metrics.update(apply_kl_reward(
+                    samples, run.reference.compute_logprobs(samples), kl,
+                    lambda ss: assign_advantages(ss, cfg.rollout.samples_per_prompt,
+                                                 cfg.loss.advantage)))
             run.recorder.record(step, samples)
 
             # 4. train: π of the samples before any update (the mismatch monitor's input, and
@@ -102,8 +110,10 @@ def train(cfg: RunConfig) -> dict[str, float]:
             t0 = time.time()
             logp = run.actor.compute_logprobs(samples)
             metrics.update(run.monitor.measure(step, samples, logp))
-            metrics.update(run.actor.train_on(samples,
-                                              anchor_logp=logp if old_policy_anchor else None))
+            ref_logp = run.reference.compute_logprobs(samples) if kl.in_loss else None
+            metrics.update(run.actor.train_on(
+                samples, anchor_logp=logp if old_policy_anchor else None, ref_logp=ref_logp,
+                old_logp=logp if correction else None))  # the correction's ρ = π_old / µ
             metrics["perf/train_time_s"] = time.time() - t0
             metrics.update(run.throughput.measure(
                 [len(s.prompt_ids) + len(s.response_ids) for s in samples],

@@ -10,6 +10,7 @@ Public API:
   CorrectionConfig, apply_off_policy_correction, compute_correction_weights   ``corrections``
   compute_advantages(rewards, group_size, estimator, eps)        ``advantages``
   kl_estimate(logp, ref_logp, kind)                              ``kl``
+  KLConfig, add_loss_terms (loss.kl / loss.correction in the loop)  ``config``, ``loss_terms``
   reduce_metrics(list_of_metric_dicts)                           ``_common``
 """
 
@@ -19,10 +20,12 @@ from .aggregation import AGGREGATION_MODES, aggregate_loss, count_sequences
 from .config import (ANCHORS, LOSS_CONFIGS, BaseLossConfig, CISPOConfig, DPPOKLConfig,
                      DPPOTopKKLConfig, DPPOTopKTVConfig, DPPOTVConfig, DRPOConfig, GSPOConfig,
                      K3PenaltyConfig, KLPenaltyConfig, MaskDRPOConfig, PGISConfig, PPOClipConfig,
-                     SPOConfig, TVPenaltyConfig, make_loss_config, select_anchor_logp)
+                     KLConfig, SPOConfig, TVPenaltyConfig, check_loss_options, make_loss_config,
+                     select_anchor_logp)
 from .corrections import (CORRECTION_KINDS, CorrectionConfig, apply_off_policy_correction,
                           compute_correction_weights, make_correction_config)
 from .kl import KL_ESTIMATORS, kl_estimate
+from .loss_terms import add_loss_terms, kl_reward_penalty
 from .losses import LOSS_EXTRAS, POLICY_LOSSES, get_policy_loss
 
 __all__ = [
@@ -35,5 +38,6 @@ __all__ = [
     "CorrectionConfig", "CORRECTION_KINDS", "make_correction_config",
     "apply_off_policy_correction", "compute_correction_weights",
     "compute_advantages", "ADVANTAGE_ESTIMATORS", "kl_estimate", "KL_ESTIMATORS",
-    "reduce_metrics", "LOG_RATIO_CLAMP",
+    "reduce_metrics", "LOG_RATIO_CLAMP", "KLConfig", "check_loss_options", "add_loss_terms",
+    "kl_reward_penalty",
 ]

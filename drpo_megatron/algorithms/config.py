@@ -37,6 +37,8 @@ from drpo_megatron.schema import Section
 
 from .advantages import AdvantageEstimator
 from .aggregation import AggregationMode
+from .corrections import CorrectionConfig, CorrectionKind
+from .kl import KLEstimator
 
 ANCHORS = ("rollout", "old_policy")
 
@@ -350,6 +352,79 @@ def select_anchor_logp(cfg: BaseLossConfig, rollout_logp: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------------------
+# Loop options around the policy loss: reference-model KL (loss.kl) and the off-policy correction
+# (loss.correction); applied by :func:`drpo_megatron.algorithms.loss_terms.add_loss_terms`.
+# ---------------------------------------------------------------------------------------------
+class KLConfig(Section):
+    """``loss.kl``: a KL penalty to a frozen reference policy (off when ``coef`` is 0)."""
+
+    coef: float = Field(default=0.0, ge=0)
+    """beta; 0 = off (no reference model is built)."""
+    estimator: KLEstimator = "k3"
+    """k1 | k2 | k3 | low_var_kl (algorithms/kl.py)."""
+    in_reward: bool = False
+    """false: beta * KL_t is added to every token's loss (its gradient flows; one extra reference
+    forward per step's samples); true: beta * sum_t KL_t(mu || ref) over the response is
+    subtracted from the sample's reward before the advantages (no gradient; mu = the rollout
+    log-probs the tokens were sampled with)."""
+    ref_path: str = ""
+    """HF checkpoint of the reference; "" = the initial policy (model.hf_path, or the embedded
+    tiny checkpoint), built with the actor's Megatron layout and dtype."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.coef > 0
+
+    @property
+    def in_loss(self) -> bool:
+        return self.enabled and not self.in_reward
+
+
+class CorrectionSection(Section):
+    """``loss.correction``: the off-policy correction's kind and bounds, resolved at load to the
+    library's :class:`~drpo_megatron.algorithms.corrections.CorrectionConfig` (``config``), whose
+    defaults fill the bounds of each kind."""
+
+    kind: CorrectionKind = "none"
+    """none | tis | mis | icepop | seq_tis | seq_mis | geo_mis (algorithms/corrections.py)."""
+    low: float | None = Field(default=None, gt=0)
+    """Lower bound of the band (banded kinds); null = the kind's default."""
+    high: float | None = Field(default=None, gt=0)
+    """Upper bound (truncation or band); null = the kind's default."""
+    reject_only: bool = False
+    """mis / icepop / seq_mis: 1 instead of rho inside the band (pure rejection)."""
+
+    _config: CorrectionConfig | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _resolve(self) -> "CorrectionSection":
+        try:
+            self._config = CorrectionConfig(kind=self.kind, low=self.low, high=self.high,
+                                            reject_only=self.reject_only)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"loss.correction: {e}") from None
+        return self
+
+    @property
+    def config(self) -> CorrectionConfig:
+        return self._config
+
+
+def check_loss_options(correction, anchor: str) -> None:
+    """A reweighting correction (tis, seq_tis, mis / icepop / seq_mis without reject_only) needs
+    the old_policy anchor: with the rollout anchor the loss ratio pi/mu already is the importance
+    weight (see :mod:`~drpo_megatron.algorithms.corrections`).  Raises ValueError naming the
+    fields and the fix, before any process starts."""
+    if correction.kind != "none" and correction.reweights and anchor != "old_policy":
+        raise ValueError(
+            f"loss.correction.kind={correction.kind!r} reweights tokens by rho = pi_old/mu, but "
+            f"loss.params.anchor={anchor!r}: the loss ratio pi/mu is already that importance "
+            "weight, the correction would count it twice. Fix: set loss.params.anchor: old_policy "
+            "(ratio pi/pi_old, the decoupled objective), or use a rejection-only correction "
+            "(geo_mis, or mis / icepop / seq_mis with reject_only: true)")
+
+
+# ---------------------------------------------------------------------------------------------
 # The run config's ``loss:`` section
 # ---------------------------------------------------------------------------------------------
 class LossSection(Section):
@@ -369,6 +444,11 @@ class LossSection(Section):
     """Constant horizon H of seq-mean-token-sum-norm (the paper: max response length 8192)."""
     advantage: AdvantageEstimator = "dr_grpo"
     """Group advantage estimator: dr_grpo (mean subtracted, the paper's), grpo (/ std), rloo."""
+    kl: KLConfig = Field(default_factory=lambda: KLConfig())
+    """KL penalty to a frozen reference policy (off by default; docs/losses.md)."""
+    correction: CorrectionSection = Field(default_factory=lambda: CorrectionSection())
+    """Off-policy correction composed with the loss (tis, mis, icepop, seq_tis, seq_mis,
+    geo_mis; off by default; docs/losses.md)."""
 
     _policy: BaseLossConfig | None = PrivateAttr(default=None)
 
@@ -376,6 +456,7 @@ class LossSection(Section):
     def _resolve(self) -> "LossSection":
         try:
             self._policy = make_loss_config(self.name, self.params)
+            check_loss_options(self.correction.config, self._policy.anchor)
         except (ValueError, TypeError) as e:
             raise ValueError(f"loss: {e}") from None
         return self

@@ -10,17 +10,21 @@ Kinds (:class:`CorrectionConfig`; rho_seq = prod_t rho_t, rho_geo = exp(mean_t l
 valid tokens of a sequence; log-space clamp +-20):
   none     c = 1
   tis      c = min(rho_t, high)                                   token truncated IS
-  mis      c = rho_t * 1[low <= rho_t <= high]                     token masked IS / IcePop
+  mis      c = rho_t * 1[low <= rho_t <= high]                     token masked IS
+  icepop   = mis with IcePop's band [0.5, 5] (Ring-1T: the token's ratio outside the band
+           masks its gradient, inside it reweights)
   seq_tis  c = min(rho_seq, high) for every token of the sequence
   seq_mis  c = rho_seq * 1[low <= rho_seq <= high]
   geo_mis  c = 1[low <= rho_geo <= high]                           sequence rejection by the
                                                                    geometric-mean ratio
-``reject_only=True`` makes mis / seq_mis use 1 instead of rho inside the band (pure rejection).
+``reject_only=True`` makes mis / icepop / seq_mis use 1 instead of rho inside the band (pure
+rejection).
 
-Which log-probs: ``train_logp`` is the training engine's log-prob of the sampled tokens (detached):
-the recomputed pi_old when the loss's anchor is "old_policy" (the decoupled objective
-rho * (pi / pi_old) * A); otherwise the current policy's detached log-probs. ``rollout_logp``
-is the engine's mu.
+Which log-probs: ``train_logp`` is the training engine's log-prob of the sampled tokens (detached),
+``rollout_logp`` the rollout engine's mu.  The loop (``loss.correction``, training/actor.py) always
+passes pi_old, the training engine's log-probs recomputed before the step's first update, so rho
+measures the training/inference mismatch of the policy that sampled: with the "old_policy" anchor
+this is the decoupled objective rho * (pi / pi_old) * A.
 With the rollout anchor the loss ratio pi / mu already *is* the importance weight, so a
 reweighting correction (tis, seq_tis, mis/seq_mis without reject_only) would count rho twice:
 :func:`apply_off_policy_correction` refuses that combination instead of silently changing the
@@ -38,13 +42,18 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from typing import Literal, get_args
+
 import torch
 
 from ._common import LOG_RATIO_CLAMP, dense_seq_index
 
-CORRECTION_KINDS = ("none", "tis", "mis", "seq_tis", "seq_mis", "geo_mis")
+#: loss.correction.kind
+CorrectionKind = Literal["none", "tis", "mis", "icepop", "seq_tis", "seq_mis", "geo_mis"]
+CORRECTION_KINDS = get_args(CorrectionKind)
 _TRUNCATING = ("tis", "seq_tis")
-_BANDED = ("mis", "seq_mis", "geo_mis")
+_BANDED = ("mis", "icepop", "seq_mis", "geo_mis")
+_MASKED_IS = ("mis", "icepop", "seq_mis")  # rho inside the band (or 1 with reject_only), 0 outside
 
 # Default bounds per kind. Token and sequence ratios: truncate at 2 (the TIS setting) and reject
 # outside [0.5, 2] (symmetric in log space). The geometric mean is a per-token average whose
@@ -53,6 +62,7 @@ DEFAULT_BOUNDS = {
     "tis": (None, 2.0),
     "seq_tis": (None, 2.0),
     "mis": (0.5, 2.0),
+    "icepop": (0.5, 5.0),  # IcePop's alpha, beta (Ring-1T)
     "seq_mis": (0.5, 2.0),
     "geo_mis": (0.99, 1.01),
 }
@@ -96,8 +106,8 @@ class CorrectionConfig:
         if self.kind in _TRUNCATING and self.low is not None:
             _bad("low", self.low, f"kind {self.kind!r} only truncates from above",
                  "remove low, or use kind mis/seq_mis for a band")
-        if self.reject_only and self.kind not in ("mis", "seq_mis"):
-            _bad("reject_only", True, f"only applies to mis and seq_mis, not {self.kind!r}",
+        if self.reject_only and self.kind not in _MASKED_IS:
+            _bad("reject_only", True, f"only applies to {list(_MASKED_IS)}, not {self.kind!r}",
                  "remove reject_only (geo_mis always rejects only)")
         self.low = d_low if (self.low is None and self.kind in _BANDED) else self.low
         self.high = d_high if self.high is None else self.high
@@ -107,8 +117,7 @@ class CorrectionConfig:
     @property
     def reweights(self) -> bool:
         """True if the weight carries rho (not only a 0/1 rejection)."""
-        return self.kind in _TRUNCATING or (self.kind in ("mis", "seq_mis")
-                                            and not self.reject_only)
+        return self.kind in _TRUNCATING or (self.kind in _MASKED_IS and not self.reject_only)
 
 
 def make_correction_config(params: dict | None = None) -> CorrectionConfig:
@@ -152,7 +161,7 @@ def compute_correction_weights(train_logp: torch.Tensor, rollout_logp: torch.Ten
     if cfg.kind == "none":
         return valid.float(), metrics
     log_rho = torch.where(valid, lt - lr_, 0.0)
-    if cfg.kind in ("tis", "mis"):
+    if cfg.kind in ("tis", "mis", "icepop"):
         log_rho_used = log_rho
     else:
         if seq_ids is None or seq_ids.shape != log_rho.shape:

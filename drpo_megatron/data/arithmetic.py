@@ -21,6 +21,11 @@ class Problem:
         return f"{self.question}="
 
     @property
+    def meta(self) -> dict[str, str]:
+        """What the reward function sees of the problem (docs/rewards.md)."""
+        return {"answer": self.answer, "question": self.question}
+
+    @property
     def solution_text(self) -> str:
         return f"\\boxed{{{self.answer}}}"
 

@@ -1,7 +1,9 @@
 """The paper's task: math problems with a reference answer, from local jsonl files.
 
 Files come from ``tools/prepare_math_data.py`` (DAPO-Math-17k for training, AIME 2024 / 2025 for
-evaluation): one object per line ``{"prompt": str, "answer": str, "source"?: str, "id"?: str}``.
+evaluation): one object per line ``{"prompt": str, "answer": str, "source"?: str, "id"?: str,
+...}``.  Every field except ``prompt`` (``answer``, ``source``, ``id`` and any other field of the
+row) is the problem's ``meta``, which the reward function receives (docs/rewards.md).
 The prompt shown to the model is ``task.prompt_template`` with ``{problem}`` replaced, wrapped in
 the tokenizer's chat template when it has one (Qwen3 base checkpoints ship one), so the answer
 lands in ``\\boxed{}`` where the math-verify reward looks for it.
@@ -14,9 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from drpo_megatron.errors import InputError
 
@@ -35,6 +37,8 @@ class MathProblem:
     answer: str
     source: str = ""
     template: str = DEFAULT_PROMPT_TEMPLATE
+    # the row's fields except "prompt" (answer as a string): what the reward function sees
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def prompt_text(self) -> str:
@@ -72,8 +76,9 @@ def load_math_jsonl(path: str | Path, *, template: str = DEFAULT_PROMPT_TEMPLATE
         if not isinstance(prompt, str) or not prompt.strip() or answer in (None, ""):
             raise DataError(f"{p}:{n}: needs a non-empty string 'prompt' and an 'answer' "
                             f"(got keys {sorted(row) if isinstance(row, dict) else type(row).__name__})")
+        meta = {**{k: v for k, v in row.items() if k != "prompt"}, "answer": str(answer)}
         out.append(MathProblem(prompt, str(answer), source or row.get("source") or p.stem,
-                               template))
+                               template, meta))
     if not out:
         raise DataError(f"{p}: no problems in the file")
     return out

@@ -14,7 +14,8 @@ from drpo_megatron.data.math import DataError, encode_prompt
 
 
 class PromptStream:
-    """``next(k)`` -> the next ``k`` problems as (prompt token ids, answers).
+    """``next(k)`` -> the next ``k`` problems as (prompt token ids, the problems: ``answer``,
+    ``prompt_text``, ``meta`` with the data file's fields for the reward).
 
     Order: epoch ``e`` is a permutation of ``problems`` drawn by ``random.Random(seed + e)``;
     the cursor counts problems handed out since step 1."""
@@ -29,8 +30,8 @@ class PromptStream:
         self.order: list[int] = []
         self._encode: Callable[[str], list[int]] = lambda text: encode_prompt(tokenizer, text)
 
-    def next(self, k: int) -> tuple[list[list[int]], list[str]]:
-        prompts, answers = [], []
+    def next(self, k: int) -> tuple[list[list[int]], list[Any]]:
+        prompts, problems = [], []
         n = len(self.problems)
         for _ in range(k):
             if self.cursor % n == 0:
@@ -40,8 +41,8 @@ class PromptStream:
             p = self.problems[self.order[self.cursor % n]]
             self.cursor += 1
             prompts.append(self._encode(p.prompt_text))
-            answers.append(p.answer)
-        return prompts, answers
+            problems.append(p)
+        return prompts, problems
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps: the cursor and the current epoch's order."""

@@ -24,7 +24,8 @@ State per parameter (Megatron DDP + Adam; the distributed optimizer shards the o
 state over the data-parallel group: DP = world/(tp*pp) for dense, EDP = world/(pp*ep*etp)
 for expert parameters)::
 
-    weights    w  = 2 B (bf16) | 4 B (fp32);  FP8 training: + 1 B (TE's cached e4m3 copy)
+    weights    w  = 2 B (bf16) | 4 B (fp32);  FP8 training: + 1 B (TE's cached e4m3 copy);
+                    x 2 with loss.kl.coef > 0 (the frozen reference: weights only, no grads / Adam)
     gradients     = 4 B (fp32 grad buffer, grad_reduce_in_fp32)
     optimizer     = (4 B fp32 main copy if bf16) + 4 B Adam m + 4 B Adam v, / DP (or / EDP)
                     when use_distributed_optimizer, else not divided
@@ -225,7 +226,7 @@ def make_plan(cfg: RunConfig, nodes: int | None = None) -> Plan:
         w += 1
     opt = (4 if cfg.model.dtype == "bf16" else 0) + 8
     dist_opt = par.use_distributed_optimizer
-    weights = (p_dense + p_exp) * w
+    weights = (p_dense + p_exp) * w * (2 if cfg.loss.kl.enabled else 1)  # + frozen KL reference
     grads = (p_dense + p_exp) * 4
     optim = p_dense * opt / (dp if dist_opt else 1) + p_exp * opt / (edp if dist_opt else 1)
     d_q, d_kv = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim

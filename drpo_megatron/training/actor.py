@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import torch
 
-from drpo_megatron.algorithms import POLICY_LOSSES, aggregate_loss, reduce_metrics
+from drpo_megatron.algorithms import POLICY_LOSSES, add_loss_terms, aggregate_loss, reduce_metrics
 from drpo_megatron.algorithms.losses import LOSS_EXTRAS
 from drpo_megatron.dist import share
 from drpo_megatron.models import megatron_model as mm
@@ -197,14 +197,18 @@ class MegatronActor:
 
     # ------------------------------------------------------------------ one optimizer step
     def train_on(self, samples: Sequence[Sample], *,
-                 anchor_logp: Sequence[torch.Tensor] | None = None) -> dict[str, float]:
+                 anchor_logp: Sequence[torch.Tensor] | None = None,
+                 ref_logp: Sequence[torch.Tensor] | None = None,
+                 old_logp: Sequence[torch.Tensor] | None = None) -> dict[str, float]:
         """One rollout step's updates: ``optim.updates_per_rollout`` optimizer steps, each on a
         contiguous mini-batch of whole prompt groups (``samples`` is group-major and
         ``prompts_per_step`` is divisible by the update count).
 
         ``anchor_logp``: π_old per sample (the caller computed it before any update of this step)
         when the loss config says ``anchor: old_policy``; None = anchor on the rollout's µ.  The
-        choice is the caller's, from the typed loss config: never switched here.  Returns the
+        choice is the caller's, from the typed loss config: never switched here.  ``ref_logp``
+        (the reference policy's, with ``loss.kl`` in the loss) and ``old_logp`` (π_old, with a
+        ``loss.correction``) per sample likewise.  Returns the
         mean over updates of each metric (``loss/nonfinite_skipped``: the count of updates
         skipped for a non-finite loss or gradient), plus ``loss/policy_loss_first_update``."""
         k = self.cfg.optim.updates_per_rollout
@@ -213,7 +217,9 @@ class MegatronActor:
         for u in range(k):
             sl = slice(u * per, (u + 1) * per)
             reports.append(self.train_step(
-                samples[sl], anchor_logp=None if anchor_logp is None else anchor_logp[sl]))
+                samples[sl], anchor_logp=None if anchor_logp is None else anchor_logp[sl],
+                ref_logp=None if ref_logp is None else ref_logp[sl],
+                old_logp=None if old_logp is None else old_logp[sl]))
         out: dict[str, float] = {}
         for key in reports[0]:
             vals = [r[key] for r in reports if key in r]
@@ -222,11 +228,17 @@ class MegatronActor:
         return out
 
     def train_step(self, samples: Sequence[Sample], *,
-                   anchor_logp: Sequence[torch.Tensor] | None = None) -> dict[str, float]:
+                   anchor_logp: Sequence[torch.Tensor] | None = None,
+                   ref_logp: Sequence[torch.Tensor] | None = None,
+                   old_logp: Sequence[torch.Tensor] | None = None) -> dict[str, float]:
         """One optimizer step on ``samples`` (a mini-batch of whole prompt groups).
 
         ``anchor_logp``: per-sample anchor log-probs replacing the rollout's µ (the recomputed
         π_old anchor); None = anchor on the rollout engine's log-probs.
+
+        ``loss.kl`` in the loss / ``loss.correction`` (``add_loss_terms``): ``ref_logp`` = the
+        reference policy's per-sample log-probs, ``old_logp`` = π_old's (recomputed before the
+        step's first update; the correction's ρ = π_old / µ against the rollout's µ).
 
         Samples with ``in_loss`` False (``rollout.overlong: filter``) are masked out of the loss
         and its token / sequence denominators.  Top-K losses (DPPO top-K) get their extras:
@@ -241,6 +253,12 @@ class MegatronActor:
         if self._needs_topk and self.cfg.logprob_impl != "chunked":
             raise ValueError(f"loss {self.cfg.loss.name!r} needs logprob_impl='chunked' (the "
                              "top-K policy log-probs are computed in the chunked pass)")
+        terms = _loss_term_inputs(self.cfg)  # loss.kl in the loss / loss.correction
+        given = {"ref_logp": ref_logp, "old_logp": old_logp,
+                 "rollout_logp": [s.rollout_logp for s in samples]}  # µ, before an anchor swap
+        missing = sorted(k for k in terms if given[k] is None)
+        if missing:
+            raise ValueError(f"train_step: loss.kl / loss.correction need {missing}")
         if anchor_logp is not None:
             samples = [Sample(**{**s.__dict__, "rollout_logp": a.tolist()})
                        for s, a in zip(samples, anchor_logp)]
@@ -259,6 +277,11 @@ class MegatronActor:
                             first_seq_id=first + i, with_topk=self._needs_topk)
                for i in range(0, len(local), mbsz)]
         num_mb = len(mbs)
+        # per-token tensors of loss.kl / loss.correction, packed like the micro-batch's µ
+        per_mb_terms = {
+            id(mb): {k: _pack_rows(mb.loss_mask, given[k][first + i:first + i + len(mb.tokens)])
+                     for k in terms}
+            for i, mb in zip(range(0, len(local), mbsz), mbs)}
         # global denominators: all micro-batches of all data-parallel ranks of this step
         global_tokens, global_seqs = _all_reduce_sum(
             [float(sum(mb.num_tokens for mb in mbs)), float(sum(mb.num_seqs for mb in mbs))], dp)
@@ -275,6 +298,12 @@ class MegatronActor:
             per_token, metrics = self.loss_fn(
                 logp, mb.rollout_logp[m], mb.advantages[m], in_loss,
                 self.loss_cfg, seq_ids=mb.seq_ids[m], **extra)
+            if terms:  # c_t * loss_t + beta * KL_t (loss.correction / loss.kl in the loss)
+                per_token, more = add_loss_terms(
+                    per_token, logp, in_loss, anchor=self.loss_cfg.anchor, kl=self.cfg.loss.kl,
+                    correction=self.cfg.loss.correction.config, seq_ids=mb.seq_ids[m],
+                    **{k: v[m] for k, v in per_mb_terms.pop(id(mb)).items()})
+                metrics = {**metrics, **more}
             loss = aggregate_loss(per_token, in_loss,
                                   self.cfg.loss.aggregation, seq_ids=mb.seq_ids[m],
                                   global_num_tokens=global_tokens, global_num_seqs=global_seqs,
@@ -358,6 +387,26 @@ class MegatronActor:
         optimizer and restore this rank's RNG states; returns ``(step, extra_state)``."""
         step = ckpt.load_megatron_checkpoint(self.model, self.optimizer, ckpt_dir)
         return step, ckpt.load_trainer_state(ckpt_dir)
+
+
+def _loss_term_inputs(cfg: ActorConfig) -> tuple[str, ...]:
+    """The per-token inputs of the loop's loss terms (``add_loss_terms``): ``ref_logp`` for
+    loss.kl in the loss, ``old_logp`` (π_old) and ``rollout_logp`` (µ) for loss.correction;
+    empty = the plain policy loss."""
+    out: tuple[str, ...] = ()
+    if cfg.loss.kl.in_loss:
+        out += ("ref_logp",)
+    if cfg.loss.correction.kind != "none":
+        out += ("old_logp", "rollout_logp")
+    return out
+
+
+def _pack_rows(loss_mask: torch.Tensor, rows: Sequence) -> torch.Tensor:
+    """[B, S] fp32 with row b's per-response-token values at ``loss_mask[b]`` (0 elsewhere)."""
+    out = torch.zeros(loss_mask.shape, dtype=torch.float32)
+    flat = [torch.as_tensor(r, dtype=torch.float32).reshape(-1) for r in rows]
+    out[loss_mask] = torch.cat(flat) if flat else torch.zeros(0)
+    return out
 
 
 def _from_last_stage(results: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -84,7 +84,7 @@ def pack_samples(samples: Sequence[Sample], *, pad_id: int, seq_len: int | None 
         if any(s.topk_ids is None or s.topk_logp is None for s in samples):
             raise ValueError("pack_samples: the loss needs the rollout engine's top-K log-probs but "
                              "a sample carries none (they are requested when LOSS_EXTRAS of the "
-                             "loss lists topk_logp: Components.rollout_top_k)")
+                             "loss lists topk_logp: run.rollout_top_k)")
         k = len(next((row for s in samples for row in s.topk_ids), []))
         topk_ids = torch.zeros((b, width, k), dtype=torch.long)
         topk_logp = torch.zeros((b, width, k), dtype=torch.float32)

@@ -109,7 +109,7 @@ def test_config_validation():
     assert CorrectionConfig("mis").low == 0.5 and CorrectionConfig("tis").high == 2.0
     assert make_correction_config({"kind": "geo_mis", "high": "1.02"}).high == 1.02
     with pytest.raises(ValueError, match="kind"):
-        CorrectionConfig("icepop")
+        CorrectionConfig("ice_pop")  # icepop is a kind since loss.correction
     with pytest.raises(ValueError, match="low"):
         CorrectionConfig("tis", low=0.5)
     with pytest.raises(ValueError, match="low = 3.0"):

@@ -221,7 +221,7 @@ def test_external_router_with_the_key_from_the_environment(engines, policy, tmp_
                                                            monkeypatch):
     """The disaggregated path: drpo train attaches to a router it did not start, with the key
     file named by DRPO_API_KEY_FILE (what the SLURM template exports), exactly as
-    build_components does (rollout_api_key -> RolloutSetup)."""
+    build_run does (rollout_api_key -> RolloutSetup)."""
     key, server, router, _ = engines
     monkeypatch.setenv(API_KEY_FILE_ENV, str(key.path))
     monkeypatch.setenv("DRPO_ROUTER_URL", router.url)

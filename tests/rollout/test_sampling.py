@@ -1,6 +1,6 @@
 """Dynamic sampling, overlong handling and top-K parsing (no server: a fake generate callback).
 
-The fake generate stands in for ``Components.rollout``: prompt ``[i]`` gets ``n`` samples whose
+The fake generate stands in for ``RolloutGenerator.generate``: prompt ``[i]`` gets ``n`` samples whose
 rewards and lengths come from the table ``PLAN[i]``; the expected batches, rounds and rewards
 below are worked out by hand from those tables.
 """
