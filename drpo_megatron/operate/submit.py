@@ -9,7 +9,8 @@
   *colocated* template (servers on the trainer's GPUs).
 * Writes ``<output_dir>/submit/<name>.sbatch`` and ``<output_dir>/submit/config.yaml`` (the
   resolved config: defaults + file + ``--nodes``/``--rollout-nodes``); each job copies it into its
-  own log directory ``<log_root>/<name>-<jobid>/`` next to ``sbatch.out`` (a link to ``<log_root>/<name>-<jobid>.sbatch.out``), ``trainer/node-*.log``,
+  own log directory ``<log_root>/<name>-<jobid>/`` next to ``sbatch.out`` (a link to
+  ``<log_root>/<name>-<jobid>.sbatch.out``), ``trainer/node-*.log``,
   ``trainer/ranks/`` (torchrun per-rank logs) and ``rollout/`` (router and per-server logs).
 * ``--dry-run`` prints the script instead of calling ``sbatch`` and writes nothing.
 * ``--cpus-per-task`` defaults to the fewest CPUs a node of the partition has (``sinfo``); without

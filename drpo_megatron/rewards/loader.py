@@ -71,8 +71,9 @@ def load_function(spec: str) -> Callable:
 
 
 def is_async(fn: Callable) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None))
+    # a callable object's async __call__ counts too
+    call = type(fn).__dict__.get("__call__") if not inspect.isfunction(fn) else None
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call)
 
 
 def check_signature(fn: Callable, spec: str, *, batched: bool) -> None:

@@ -15,7 +15,8 @@ Definitions (docs/study.md; the tests hold them to hand-computed values):
 * **final eval**: the last logged ``eval/accuracy``.
 * **collapse**: :class:`drpo_megatron.study.spec.CollapseRule` -- the earliest of a non-finite
   ``loss/policy_loss`` or ``loss/grad_norm`` (the latter only in a run that logs a finite norm
-  at some step: with ``optim.grad_clip: 0`` Megatron reports none, logged as NaN), ``patience`` consecutive logged steps with the reward below
+  at some step: with ``optim.grad_clip: 0`` Megatron reports none, logged as NaN), ``patience``
+  consecutive logged steps with the reward below
   ``reward_drop`` x running best (once the running best has reached ``reward_floor``), or
   ``patience`` consecutive logged steps with ``rollout/truncated_frac`` > ``truncated_frac``;
   reported at the step the condition started (the first step of the streak).

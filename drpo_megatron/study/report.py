@@ -124,7 +124,7 @@ def _overview(res: StudyResults, n: list[int]) -> str:
     table = (f'<table class="overview"><thead><tr><th>final reward (mean ± std over seeds)</th>'
              f'{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
     charts = []
-    for field, title, key, log in (
+    for field, title, _key, log in (
             ("final_reward", "final reward by condition", "final_reward", None),
             ("mismatch_mean", "mean |log π − log µ| by condition (calibration)", MISMATCH, True)):
         groups = []
