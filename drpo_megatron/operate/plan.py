@@ -55,6 +55,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from drpo_megatron.config import ArchConfig, ConfigError, RunConfig, load_config
+from drpo_megatron.operate.layout import LayoutError, check_layout
 
 GIB = 2 ** 30
 OVERHEAD_GIB = 3.0
@@ -167,30 +168,14 @@ def make_plan(cfg: RunConfig, nodes: int | None = None) -> Plan:
     world = par.world_size
     L = a.num_hidden_layers
     moe = a.num_experts > 0
-    # --- divisibility
-    if a.num_attention_heads % tp:
-        raise PlanError(f"parallel.tp={tp}: num_attention_heads={a.num_attention_heads} is not "
-                        f"divisible by it; use a divisor of {a.num_attention_heads}")
-    if a.num_key_value_heads % tp:
-        raise PlanError(f"parallel.tp={tp}: num_key_value_heads={a.num_key_value_heads} is not "
-                        f"divisible by it (Megatron splits KV groups over TP); use a divisor of "
-                        f"{a.num_key_value_heads}")
-    if L % pp:
-        raise PlanError(f"parallel.pp={pp}: num_hidden_layers={L} is not divisible by it; use a "
-                        f"divisor of {L}")
-    if ep > 1 and not moe:
-        raise PlanError(f"parallel.ep={ep}: {a.architecture or 'the model'} is dense (no experts); "
-                        "set parallel.ep: 1")
-    if moe and a.num_experts % ep:
-        raise PlanError(f"parallel.ep={ep}: num_experts={a.num_experts} is not divisible by it; use "
-                        f"a divisor of {a.num_experts}")
-    if world % (tp * pp):
-        raise PlanError(f"--nodes/parallel.num_nodes={par.num_nodes}: world size {world} "
-                        f"(x{par.gpus_per_node} GPUs) is not divisible by tp*pp={tp * pp}; use a "
-                        "node count that makes it divisible or change tp/pp")
-    if world % (pp * ep * etp):
-        raise PlanError(f"parallel.ep={ep}: world size {world} is not divisible by pp*ep*etp="
-                        f"{pp * ep * etp}; lower ep/etp or add nodes")
+    # --- divisibility: the one layout check (operate/layout.py), on the numbers after --nodes
+    try:
+        check_layout(tp=tp, pp=pp, ep=ep, etp=par.etp, world=world,
+                     num_attention_heads=a.num_attention_heads,
+                     num_key_value_heads=a.num_key_value_heads, num_layers=L,
+                     num_experts=a.num_experts, model=a.architecture or "the model")
+    except LayoutError as e:
+        raise PlanError(str(e)) from None
     if par.gpus_per_node % par.rollout_tp:
         raise PlanError(f"parallel.rollout_tp={par.rollout_tp} does not divide "
                         f"parallel.gpus_per_node={par.gpus_per_node}; a server must fit in one node")
@@ -265,8 +250,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.config)
-        p = make_plan(cfg, args.nodes)
+        if args.nodes is not None and args.nodes < 1:
+            raise PlanError(f"--nodes={args.nodes} must be >= 1")
+        # --nodes is applied before any check: the layout is validated once, for the node
+        # count that will run (not the YAML's own parallel.num_nodes)
+        overrides = {"parallel": {"num_nodes": args.nodes}} if args.nodes is not None else None
+        cfg = load_config(args.config, overrides)
+        p = make_plan(cfg)
         text = json.dumps(asdict(p), indent=1) if args.json else p.table()
         print(text)
         check_fits(p, cfg)
