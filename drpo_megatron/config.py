@@ -179,6 +179,11 @@ class RolloutConfig:
     # this field when set, else env DRPO_ROUTER_URL (set by the SLURM template), else none.
     router_url: str | None = None
     max_attempts: int = 3  # per request, across servers
+    # Colocated servers (drpo_megatron/rollout/colocate.py): on the driver's GPUs, started with
+    # SGLang's memory saver, their weights + KV cache released while the trainer trains and
+    # resumed around each weight push.  Also on with env DRPO_ROLLOUT_MODE=colocated (exported by
+    # slurm/colocated.sbatch.tmpl).  Needs parallel.rollout_nodes: 0, weight_transport tensor|disk.
+    colocate: bool = False
     server: ServerConfig = field(default_factory=ServerConfig)
 
 
@@ -383,6 +388,12 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"model.dtype={cfg.model.dtype!r}: choose 'fp32' or 'bf16' (FP8 training "
                           "is set in the GPU model configs and needs Transformer Engine)")
     validate_parallel(cfg)
+    from drpo_megatron.rollout.colocate import ColocationError, check_config
+
+    try:
+        check_config(cfg)  # rollout.colocate / DRPO_ROLLOUT_MODE against the layout
+    except ColocationError as e:
+        raise ConfigError(str(e)) from None
     gpu_target = cfg.parallel.device == "cuda"
     if cfg.model.hf_path and not gpu_target and not Path(cfg.model.hf_path).expanduser().is_dir():
         raise ConfigError(f"model.hf_path={cfg.model.hf_path!r}: directory not found; point it at an "

@@ -69,6 +69,7 @@ class Components:
     cursor: int = 0
     order: list = field(default_factory=list)
     driver: bool = True  # this rank drives SGLang, scores, logs (training/ranks.py)
+    colocation: Any = None  # rollout/colocate.Colocation when the servers share the GPUs
     _bar: Any = None
     _old_logp: Any = None
 
@@ -378,11 +379,18 @@ def build_components(cfg: RunConfig) -> Components:
     from drpo_megatron.training.ranks import world_size
 
     rollout = rr.RolloutSetup(cfg.rollout, policy, server_logs, driver)
+    from drpo_megatron.rollout import colocate
+
+    colocation = colocate.setup(cfg, rollout.servers, driver=driver)  # None unless colocated
     transport = None
     try:  # whatever fails from here on, the servers and the router we started are stopped
         rollout.start()
+        if colocation is not None:  # servers size their KV pool from the free GPU memory:
+            rollout.wait_ready()    # they load before any trainer rank allocates
+            torch.distributed.barrier()
         actor = MegatronActor(actor_config(cfg, policy))
-        rollout.wait_ready()  # every server healthy at version "0" (and registered)
+        if colocation is None:
+            rollout.wait_ready()  # every server healthy at version "0" (and registered)
         servers = rollout.servers
         flops_model = FlopsModel.from_hf_config(json.loads((policy / "config.json").read_text()))
         device, peak = device_peak_flops("bf16")
@@ -392,6 +400,8 @@ def build_components(cfg: RunConfig) -> Components:
                                            run_dir / "weights", precision=cfg.rollout.precision,
                                            bucket_mb=cfg.rollout.weight_bucket_mb)
         transport = rollout.wrap(transport)  # every push bracketed by pause (abort) ... continue
+        if colocation is not None:  # resume weights -> push -> resume KV cache
+            transport = colocate.ColocatedTransport(transport, colocation)
         # the post-sync check: after every push with rollout.verify_sync, always after a resume
         from drpo_megatron.rollout.verify import DEFAULT_ATOL, VerifiedTransport, actor_reference
 
@@ -424,7 +434,7 @@ def build_components(cfg: RunConfig) -> Components:
                       eval_set=eval_set, actor=actor, servers=[front] if driver else [],
                       transport=transport, writers=writers, reward_fn=reward_fn,
                       pad_id=tokenizer.pad_token_id, flops_model=flops_model, peak_flops=peak,
-                      driver=driver)
+                      driver=driver, colocation=colocation)
 
 
 def check_world_size(cfg: RunConfig) -> None:
@@ -445,6 +455,7 @@ def check_world_size(cfg: RunConfig) -> None:
 def actor_config(cfg: RunConfig, policy: Path):
     """The Megatron actor's config from the run config (parallel layout, precision, optimizer,
     loss, temperature)."""
+    from drpo_megatron.models.megatron_model import recompute_fields
     from drpo_megatron.training.actor import ActorConfig
 
     par = cfg.parallel
@@ -457,5 +468,6 @@ def actor_config(cfg: RunConfig, policy: Path):
         adam_betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2), loss_name=cfg.loss.name,
         loss_params=cfg.loss.params, aggregation=cfg.loss.aggregation, horizon=cfg.loss.horizon,
         temperature=cfg.rollout.temperature, seed=cfg.train.seed,
-        model_overrides=({} if cfg.model.moe_aux_loss_coeff is None else
-                         {"moe_aux_loss_coeff": cfg.model.moe_aux_loss_coeff}))
+        model_overrides={**recompute_fields(par.recompute),  # parallel.recompute -> Megatron
+                         **({} if cfg.model.moe_aux_loss_coeff is None else
+                            {"moe_aux_loss_coeff": cfg.model.moe_aux_loss_coeff})})

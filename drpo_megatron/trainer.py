@@ -75,6 +75,8 @@ def train(cfg: RunConfig) -> dict[str, float]:
 
                 # 3. group advantages
                 c.assign_advantages(samples)
+            if c.colocation is not None:  # colocated servers free the GPUs before anyone trains
+                metrics.update(c.colocation.release())
             samples = c.share(samples)
             metrics.update(c.rollout_metrics(samples, current_version=step - 1))
             c.record(step, samples)

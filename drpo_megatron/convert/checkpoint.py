@@ -640,6 +640,12 @@ def _mcore_source(mcore_dir: str, hf_config: str | None) -> tuple[Path, dict, st
     if not mdir.is_dir():
         raise ConvertError(f"--mcore {mcore_dir!r}: directory not found; pass the --out "
                            "directory of `drpo convert hf-to-mcore`")
+    if hf_config is None:
+        if not (mdir / HF_CONFIG_SUBDIR / "config.json").is_file():
+            raise ConvertError(f"--hf-config: not given and {mdir / HF_CONFIG_SUBDIR} has no "
+                               "config.json; pass the HF directory whose config.json describes "
+                               "this model")
+        hf_config = str(mdir / HF_CONFIG_SUBDIR)
     if not (mdir / "metadata.json").is_file():
         raise ConvertError(f"--mcore {mcore_dir!r}: not a torch_dist checkpoint (no metadata.json); "
                            "pass the --out directory of `drpo convert hf-to-mcore` or a "
@@ -650,12 +656,6 @@ def _mcore_source(mcore_dir: str, hf_config: str | None) -> tuple[Path, dict, st
             meta = json.loads((mdir / META_FILE).read_text())
         except json.JSONDecodeError:
             meta = {}
-    if hf_config is None:
-        if not (mdir / HF_CONFIG_SUBDIR / "config.json").is_file():
-            raise ConvertError(f"--hf-config: not given and {mdir / HF_CONFIG_SUBDIR} has no "
-                               "config.json; pass the HF directory whose config.json describes "
-                               "this model")
-        hf_config = str(mdir / HF_CONFIG_SUBDIR)
     return mdir, meta, hf_config
 
 

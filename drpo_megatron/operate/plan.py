@@ -41,9 +41,19 @@ Log-prob buffers (the chunked vocab-parallel log-probs, chunk c = 1024)::
 
     3 * c * V/tp * 4 B  (fp32 chunk logits, softmax, grad)  +  2 * V/tp * h * 4 B (fp32 head + grad)
 
-Plus a fixed 3 GiB for the CUDA context, NCCL buffers and allocator slack.  Colocated rollout
-servers (``rollout_nodes: 0``) release their memory while the trainer runs (SGLang
-``release_memory_occupation``), so the trainer budget is the whole GPU.
+Plus a fixed 3 GiB for the CUDA context, NCCL buffers and allocator slack.
+
+Colocated rollout (``rollout_nodes: 0`` on GPUs, or ``rollout.colocate``;
+:mod:`drpo_megatron.rollout.colocate`): the servers release weights, KV cache and CUDA graphs
+while the trainer trains, so training has the whole GPU (the total above); during the rollout
+the trainer keeps its resident state (weights + gradients + optimizer states + overhead) next to
+the servers' weights (``params * 2 B / rollout_tp``), their reserve
+(``colocate.SERVER_RESERVE_GIB``) and the KV cache, which gets the rest::
+
+    KV = budget - resident - server weights - reserve;  --mem-fraction-static = (weights + KV) / budget
+
+refused when KV holds less than one sequence of ``max_prompt_tokens + max_new_tokens``
+(K and V of every full-attention layer: ``2 * L * kv_heads/rollout_tp * head_dim * 2 B`` per token).
 """
 
 from __future__ import annotations
@@ -243,6 +253,20 @@ def check_fits(p: Plan, cfg: RunConfig) -> None:
                         f"does not fit (largest: {big} {parts[big]:.1f} GiB); {fix}")
 
 
+def colocated(p: Plan, cfg: RunConfig):
+    """The colocated memory split (``rollout/colocate.ColocatedMemory``) when the rollout servers
+    share the trainer's GPUs on a GPU cluster config; None otherwise."""
+    from drpo_megatron.rollout.colocate import ColocationError, colocated_memory
+
+    par = cfg.parallel
+    if par.rollout_nodes or not (par.device == "cuda" or cfg.rollout.colocate):
+        return None
+    try:
+        return colocated_memory(p, resolve_arch(cfg), cfg)
+    except ColocationError as e:
+        raise PlanError(str(e)) from None
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="drpo plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("config", help="YAML run config (model_configs/*.yaml)")
@@ -257,8 +281,11 @@ def main(argv: list[str]) -> int:
         overrides = {"parallel": {"num_nodes": args.nodes}} if args.nodes is not None else None
         cfg = load_config(args.config, overrides)
         p = make_plan(cfg)
-        text = json.dumps(asdict(p), indent=1) if args.json else p.table()
-        print(text)
+        colo = colocated(p, cfg)
+        if args.json:
+            print(json.dumps({**asdict(p), "colocated": asdict(colo) if colo else None}, indent=1))
+        else:
+            print(p.table() + (f"\n{colo.line()}" if colo else ""))
         check_fits(p, cfg)
     except (ConfigError, PlanError) as e:
         print(f"drpo plan: error: {e}", file=sys.stderr)
@@ -266,4 +293,4 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["Plan", "PlanError", "make_plan", "check_fits", "resolve_arch", "main"]
+__all__ = ["Plan", "PlanError", "make_plan", "check_fits", "colocated", "resolve_arch", "main"]
