@@ -176,3 +176,38 @@ def test_colocated_step_with_real_server(policy, tmp_path):
     # a clean stop is not a crash in the server's log
     text = s.log_path.read_text()
     assert "crashed" not in text and "SIGQUIT" not in text and s.proc.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU run")
+def test_drpo_train_colocated_with_full_recompute(tmp_path, drpo_train, monkeypatch):
+    """The loop's wiring: ``drpo train`` with ``rollout.colocate`` releases the server before every
+    training phase and resumes it around every push (server access log, step metrics), samples
+    of step k come from weight version k-1, and ``parallel.recompute: full`` reaches Megatron."""
+    import json
+
+    monkeypatch.delenv(colocate.MODE_ENV, raising=False)
+    steps = 2
+    cfg = {"rollout": {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 12,
+                       "colocate": True, "weight_transport": "tensor"},
+           "loss": {"horizon": 12}, "optim": {"updates_per_rollout": 2},
+           "train": {"max_steps": steps, "eval_every": 0},
+           "parallel": {"recompute": "full"}}
+    run = drpo_train(cfg, tmp_path, timeout=1200)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert {"perf/colocate_release_s", "perf/colocate_resume_weights_s",
+                "perf/colocate_resume_kv_s"} <= set(m)
+    rows = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
+    assert {r["weight_version"] for r in rows if r["step"] == 2} == {"1"}
+    log = (run / "logs" / "sglang-0.log").read_text()
+    posts = re.findall(r'"POST (/(?:release|resume)_memory_occupation|/update_weight_version) HTTP', log)
+    # start-up sets version 0; then per step: release, resume (weights), version, resume (KV)
+    per_step = ["/release_memory_occupation", "/resume_memory_occupation",
+                "/update_weight_version", "/resume_memory_occupation"]
+    assert posts == ["/update_weight_version"] + per_step * steps, posts
+    trainer_log = (run / "logs" / "trainer.log").read_text()
+    assert "recompute=full" in trainer_log and "colocated rollout (rollout.colocate)" in trainer_log
+    assert "Traceback" not in trainer_log
+    assert "crashed" not in log and "SIGQUIT" not in log
