@@ -256,12 +256,14 @@ def check_fits(p: Plan, cfg: RunConfig) -> None:
 def colocated(p: Plan, cfg: RunConfig):
     """The colocated memory split (``rollout/colocate.ColocatedMemory``) when the rollout servers
     share the trainer's GPUs on a GPU cluster config; None otherwise."""
-    from drpo_megatron.rollout.colocate import ColocationError, colocated_memory
+    from drpo_megatron.rollout.colocate import ColocationError, check_config, colocated_memory
 
     par = cfg.parallel
     if par.rollout_nodes or not (par.device == "cuda" or cfg.rollout.colocate):
         return None
     try:
+        check_config(cfg, source="rollout.colocate" if cfg.rollout.colocate
+                     else "parallel.rollout_nodes=0 (colocated)")
         return colocated_memory(p, resolve_arch(cfg), cfg)
     except ColocationError as e:
         raise PlanError(str(e)) from None

@@ -78,11 +78,14 @@ def requested(cfg) -> tuple[bool, str]:
     return False, ""
 
 
-def check_config(cfg) -> None:
-    """What a colocated run needs from the config (before anything starts)."""
-    on, source = requested(cfg)
-    if not on:
-        return
+def check_config(cfg, source: str | None = None) -> None:
+    """What a colocated run needs from the config (before anything starts).  ``source``: why the
+    layout is colocated when the caller decides (``drpo plan``: ``parallel.rollout_nodes=0``);
+    None: :func:`requested` decides (config field or env)."""
+    if source is None:
+        on, source = requested(cfg)
+        if not on:
+            return
     par, r = cfg.parallel, cfg.rollout
     if par.rollout_nodes:
         raise ColocationError(f"{source} with parallel.rollout_nodes={par.rollout_nodes}: colocated "

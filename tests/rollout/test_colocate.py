@@ -211,3 +211,14 @@ def test_drpo_train_colocated_with_full_recompute(tmp_path, drpo_train, monkeypa
     assert "recompute=full" in trainer_log and "colocated rollout (rollout.colocate)" in trainer_log
     assert "Traceback" not in trainer_log
     assert "crashed" not in log and "SIGQUIT" not in log
+
+
+def test_plan_refuses_a_colocated_distributed_transport(tmp_path, capsys):
+    """The GPU config's colocated layout is checked by drpo plan / submit, not first in the job."""
+    from drpo_megatron.operate.plan import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(open(R1).read().replace("weight_transport: tensor", "weight_transport: distributed"))
+    assert main([str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "weight_transport='distributed'" in err[0] and "'tensor'" in err[0]
