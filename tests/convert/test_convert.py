@@ -151,7 +151,10 @@ def test_tp1_checkpoint_loads_at_tp2(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [("--tp", "2"), pytest.param(("--ep", "2"), marks=pytest.mark.extended),
-                                    pytest.param(("--pp", "2"), marks=pytest.mark.extended)])
+                                    pytest.param(("--pp", "2"), marks=pytest.mark.extended),
+                                    # TP x EP on CPU: with ETP 1 (ETP > 1 is refused on gloo)
+                                    pytest.param(("--tp", "2", "--ep", "2", "--etp", "1"),
+                                                 marks=pytest.mark.extended)])
 def test_hf_to_mcore_multi_rank(tmp_path, layout):
     hf = make_tiny(tmp_path / "hf", "moe")
     p = drpo("convert", "hf-to-mcore", "--hf", hf, "--out", tmp_path / "m", *layout,
