@@ -25,6 +25,7 @@ sides of a ratio.  CPU timings are process CPU time with glibc's heap trimming o
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import statistics
@@ -123,6 +124,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--update-doc", type=Path, default=None,
                     help="write the table into this markdown file's FP8 section")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = ap.parse_args()
     cpu = not args.device.startswith("cuda")
     if cpu:
@@ -172,10 +174,14 @@ def main() -> None:
            "| workload | MiB bf16 | copy GB/s | quantize GB/s | x copy | fake-quant GB/s | "
            "x copy | dequantize GB/s | x copy |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = []
     for n, wl in loads.items():
         gbps = {op: wl.nbytes / statistics.median(times[n, op]) / 1e9 for op in OPS}
         ratio = {op: statistics.median(c / t for c, t in zip(times[n, "copy"], times[n, op]))
                  for op in OPS}
+        rows.append({"workload": n, "mib_bf16": wl.nbytes / 2**20,
+                     **{f"{op}_gbps": gbps[op] for op in OPS},
+                     **{f"{op}_vs_copy": ratio[op] for op in OPS}})
         out.append(f"| {n} | {wl.nbytes / 2**20:.0f} | {gbps['copy']:.2f} | "
                    f"{gbps['quantize']:.2f} | {ratio['quantize']:.3f} | "
                    f"{gbps['fake-quant']:.2f} | {ratio['fake-quant']:.3f} | "
@@ -192,6 +198,9 @@ def main() -> None:
            if line and not line.startswith(("|", "```", "#", "OMP_")) else line for line in out]
     text = "\n".join(out) + "\n"
     print(text)
+    if args.json is not None:
+        args.json.write_text(json.dumps({"device": args.device, "reps": args.reps, "rows": rows},
+                                        indent=1))
     if args.update_doc is not None:
         update_doc(args.update_doc, text)
         print(f"wrote section {SECTION!r} of {args.update_doc}")

@@ -22,7 +22,7 @@ Every (method, T) runs in a fresh child process (one small warm-up call, then th
   here, the same for every method) and is dominated by it at small T.
 
     OMP_NUM_THREADS=1 python bench/bench_logprobs.py [--tokens 512,1024,2048] [--chunk 256]
-        [--device cpu|cuda] [--json out.json]
+        [--device cpu|cuda] [--json out.json] [--vocab 151936 --hidden 2048]
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from drpo_megatron.training.logprobs import naive_logprobs, vocab_parallel_logprobs  # noqa: E402
 
 V, H = 151_936, 2048
+SHAPE = [V, H]  # (vocab, hidden) of this run: --vocab / --hidden (tools/gpu_check.py's smoke run)
 M_MMAP_THRESHOLD = -3
 
 
@@ -58,6 +59,7 @@ def _reset_hwm() -> None:
 
 
 def _inputs(T: int, device: str):
+    V, H = SHAPE
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(T, H, generator=g).to(device).requires_grad_(True)
     weight = (torch.randn(V, H, generator=g) * 0.02).to(device).requires_grad_(True)
@@ -127,8 +129,11 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--vocab", type=int, default=V)
+    ap.add_argument("--hidden", type=int, default=H)
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "T"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    SHAPE[:] = [args.vocab, args.hidden]
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.chunk, args.device)))
         return
@@ -137,7 +142,8 @@ def main() -> None:
         res = {}
         for method in ("bare", "naive", "chunked"):
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", method,
-                                  str(T), "--chunk", str(args.chunk), "--device", args.device],
+                                  str(T), "--chunk", str(args.chunk), "--device", args.device,
+                                  "--vocab", str(args.vocab), "--hidden", str(args.hidden)],
                                  capture_output=True, text=True, check=True)
             res[method] = json.loads(out.stdout.strip().splitlines()[-1])
             print(json.dumps(res[method]), file=sys.stderr, flush=True)
@@ -151,7 +157,7 @@ def main() -> None:
                      "naive_peak_mib": n["peak_bytes"] / 2**20,
                      "chunked_peak_mib": c["peak_bytes"] / 2**20,
                      "peak_ratio": c["peak_bytes"] / n["peak_bytes"]})
-    print(f"device {args.device}, V={V}, H={H}, fp32, chunk {args.chunk}, torch {torch.__version__}")
+    print(f"device {args.device}, V={args.vocab}, H={args.hidden}, fp32, chunk {args.chunk}, torch {torch.__version__}")
     print("| T | bare s | naive s | chunked s | chunked / bare | naive / bare | naive extra MiB "
           "| chunked extra MiB | extra ratio | naive peak MiB | chunked peak MiB | peak ratio |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

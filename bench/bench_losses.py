@@ -127,6 +127,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--losses", default=",".join(POLICY_LOSSES),
                     help="comma-separated subset (pg_is is always included)")
+    ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     names = ["pg_is"] + [n for n in args.losses.split(",") if n and n != "pg_is"]
@@ -186,10 +187,17 @@ def main() -> None:
     for n in names:
         ratios[n] = statistics.median(t / b for t, b in zip(times[n], times["pg_is"]))
         print(f"| {n} | {1e3 * statistics.median(times[n]):.1f} | {ratios[n]:.2f} | "
-              f"{mem[n] / 2**20:.1f} | {mem[n] / mem['pg_is']:.2f} |")
+              f"{mem[n] / 2**20:.1f} | {mem[n] / max(mem['pg_is'], 1):.2f} |")
     if "drpo" in names:
         verdict = "OK" if ratios["drpo"] <= 1.3 else "OVER BUDGET"
         print(f"drpo time ratio {ratios['drpo']:.2f} (budget 1.3): {verdict}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": args.device, "tokens": args.tokens, "reps": args.reps,
+                       "rows": [{"loss": n, "median_ms": 1e3 * statistics.median(times[n]),
+                                 "time_vs_pg_is": ratios[n], "peak_mib": mem[n] / 2**20,
+                                 "memory_vs_pg_is": mem[n] / max(mem["pg_is"], 1)} for n in names]},
+                      fh, indent=1)
 
 
 if __name__ == "__main__":

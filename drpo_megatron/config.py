@@ -31,6 +31,8 @@ from drpo_megatron.models.tiny import VOCAB_SIZE
 from drpo_megatron.rewards.config import (RewardConfig, RewardConfigError, check_reward_config,
                                           resolve_reward_paths)
 from drpo_megatron.rollout.auth import ApiKeyError, read_key_file
+from drpo_megatron.rollout.colocate import ColocationError
+from drpo_megatron.rollout.colocate import check_config as check_colocation
 from drpo_megatron.rollout.router import RouterKind, RouterPolicy
 from drpo_megatron.rollout.sampling import OnExhausted, OverlongMode
 from drpo_megatron.rollout.server import ServerConfig
@@ -114,6 +116,11 @@ class RolloutConfig(Section):
     per-run key in <output_dir>/secrets/api_key when neither is set."""
     max_attempts: int = Field(default=3, gt=0)
     """Attempts per request, across servers."""
+    colocate: bool = False
+    """Colocated servers (rollout/colocate.py): on the driver's GPUs, started with SGLang's memory
+    saver, their weights + KV cache released while the trainer trains and resumed around each
+    weight push. Also on with env DRPO_ROLLOUT_MODE=colocated (exported by
+    slurm/colocated.sbatch.tmpl). Needs parallel.rollout_nodes: 0, weight_transport tensor|disk."""
     server: ServerConfig = Field(default_factory=ServerConfig)
     """Each SGLang server's launch settings."""
 
@@ -312,6 +319,10 @@ def validate(cfg: RunConfig) -> None:
             f"optim.updates_per_rollout={o.updates_per_rollout} must divide rollout.prompts_per_step="
             f"{r.prompts_per_step} (mini-batches hold whole prompt groups)")
     validate_parallel(cfg)
+    try:
+        check_colocation(cfg)  # rollout.colocate / DRPO_ROLLOUT_MODE against the layout
+    except ColocationError as e:
+        raise ConfigError(str(e)) from None
     gpu_target = cfg.parallel.device == "cuda"
     out = Path(cfg.output_dir).expanduser()
     if out.exists() and not out.is_dir():

@@ -29,9 +29,12 @@ from drpo_megatron.mismatch.monitor import MismatchMonitor
 from drpo_megatron.mismatch.writers import MultiWriter, build_writers
 from drpo_megatron.models.megatron_model import init_distributed
 from drpo_megatron.models.tiny import ensure_tiny_checkpoint
+from drpo_megatron.operate.plan import colocated_mem_fraction
 from drpo_megatron.operate.rundir import (Progress, RolloutRecorder, check_writable, setup_run_dir,
                                           unsafe_resume_changes)
 from drpo_megatron.rewards.scorer import build_scorer
+from drpo_megatron.rollout import colocate
+from drpo_megatron.rollout.colocate import ColocatedTransport, Colocation
 from drpo_megatron.rollout.generator import RolloutGenerator
 from drpo_megatron.rollout.router import RolloutSetup, resolve_router_url, rollout_api_key
 from drpo_megatron.rollout.verify import DEFAULT_ATOL
@@ -76,6 +79,7 @@ class Run:
     progress: Progress             # bar + step line (driver)
     throughput: ThroughputMeter    # perf/ tokens/s and MFU
     servers: RolloutSetup          # what was launched (stopped by close)
+    colocation: Colocation | None = None  # servers sharing the trainer's GPUs (rollout/colocate.py)
 
     def close(self) -> None:
         """The transport first (the distributed one holds a process group with the servers),
@@ -187,24 +191,30 @@ def build_run(cfg: RunConfig) -> Run:
     server_logs = Path(os.environ.get("DRPO_SERVER_LOG_DIR") or run_dir / "logs")
     setup = RolloutSetup(cfg.rollout, policy, server_logs, driver,
                          api_key=rollout_api_key(cfg.rollout, run_dir) if driver else None)
+    colocation = colocate.setup(cfg, setup.servers, driver=driver,  # None unless colocated
+                                mem_fraction=colocated_mem_fraction)
     sync = scorer = None
     try:  # whatever fails from here on, the servers and the router we started are stopped
         # reward.*: the driver probes an HTTP reward server now, before anything expensive
         scorer = build_scorer(cfg.reward, probe=driver) if driver else None
         setup.start()  # the driver rank starts the servers first: they load while the actor builds
+        if colocation is not None:  # servers size their KV pool from the free GPU memory:
+            setup.wait_ready()      # they load before any trainer rank allocates
+            barrier()
         actor = MegatronActor(actor_config(cfg, policy), pad_id=tokenizer.pad_token_id)
         reference = None
         if cfg.loss.kl.enabled:  # loss.kl: a frozen reference in the actor's layout
             reference = ReferencePolicy(actor.cfg, cfg.loss.kl.ref_path or str(policy),
                                         pad_id=tokenizer.pad_token_id)
-        setup.wait_ready()  # every server healthy at version "0" (and registered)
+        if colocation is None:
+            setup.wait_ready()  # every server healthy at version "0" (and registered)
         device, peak = device_peak_flops("bf16")
         log.info("MFU is relative to %s peak %.3g FLOP/s", device, peak)
         throughput = ThroughputMeter(
             FlopsModel.from_hf_config(json.loads((policy / "config.json").read_text())), peak,
             world_size())
         writers = build_writers(cfg.logging.writers if driver else [], run_dir)
-        sync = build_sync(cfg, actor, setup, run_dir,
+        sync = build_sync(cfg, actor, setup, run_dir, colocation,
                           probe_ids=encode_prompt(tokenizer, eval_set[0].prompt_text))
         front = setup.front(resync_strategy(cfg, actor, run_dir, sync),
                             current_version=lambda: sync.version,
@@ -227,19 +237,24 @@ def build_run(cfg: RunConfig) -> Run:
                prompts=PromptStream(train_set, tokenizer, seed=cfg.train.seed), rollout=rollout,
                actor=actor, reference=reference, monitor=MismatchMonitor(cfg.loss.policy, writers), sync=sync,
                writers=writers, recorder=RolloutRecorder(run_dir, enabled=driver),
-               progress=Progress(enabled=driver), throughput=throughput, servers=setup)
+               progress=Progress(enabled=driver), throughput=throughput, servers=setup,
+               colocation=colocation)
 
 
-def build_sync(cfg: RunConfig, actor: MegatronActor, setup: RolloutSetup, run_dir: Path, *,
-               probe_ids: list[int]) -> VerifiedTransport:
+def build_sync(cfg: RunConfig, actor: MegatronActor, setup: RolloutSetup, run_dir: Path,
+               colocation: Colocation | None, *, probe_ids: list[int]) -> VerifiedTransport:
     """The weight sync of the run: the configured transport to every server, each push
-    bracketed by pause (abort) ... continue, followed by the post-sync check with
+    bracketed by pause (abort) ... continue (colocated: resume weights -> push -> resume KV
+    cache, rollout/colocate.py), followed by the post-sync check with
     ``rollout.verify_sync`` (always available on demand: after a resume).  With a low-precision
     rollout the servers loaded unquantized weights: version 0 is pushed quantized right away."""
     r = cfg.rollout
     base = build_transport(r.weight_transport, actor, setup.servers, run_dir / "weights",
                            precision=r.precision, bucket_mb=r.weight_bucket_mb)
-    sync = VerifiedTransport(PausedTransport(base, setup.servers), setup.servers, probe_ids,
+    paused = PausedTransport(base, setup.servers)
+    if colocation is not None:
+        paused = ColocatedTransport(paused, colocation)
+    sync = VerifiedTransport(paused, setup.servers, probe_ids,
                              actor_reference(actor),
                              atol=r.verify_sync_atol or DEFAULT_ATOL[r.precision],
                              every_push=r.verify_sync)

@@ -96,6 +96,8 @@ def train(cfg: RunConfig) -> dict[str, float]:
 
                 # 3. group advantages
                 run.rollout.assign_advantages(samples)
+            if run.colocation is not None:  # colocated servers free the GPUs before anyone trains
+                metrics.update(run.colocation.release())
             samples = share(samples)
             metrics.update(rollout_metrics(samples, current_version=str(step - 1)))
             if kl.in_reward and kl.enabled:  # reward - coef * KL(µ || ref), advantages again

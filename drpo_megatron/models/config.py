@@ -1,7 +1,7 @@
 """Config sections of the policy model and its parallel layout (``model:``, ``parallel:``).
 
-:func:`check_layout` is the one parallel-layout check: config validation, ``drpo plan`` and
-``drpo convert`` all call it.
+The layout is checked by :func:`drpo_megatron.models.layout.check_layout`, the one layout check
+that config validation, ``drpo plan`` and ``drpo convert`` all call.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from drpo_megatron.models.layout import LayoutError, check_layout
 from drpo_megatron.models.tiny import TinyModelConfig
 from drpo_megatron.schema import ConfigError, Section
 
@@ -131,32 +132,14 @@ class ParallelConfig(Section):
     def dp(self) -> int:
         return self.world_size // (self.tp * self.pp)
 
-    def check(self, world: int | None = None, where: str = "parallel") -> None:
-        """:func:`check_layout` of this layout on ``world`` ranks (default: its own)."""
-        check_layout(tp=self.tp, pp=self.pp, ep=self.ep, etp=self.etp, world=world or self.world_size,
-                     sequence_parallel=self.sequence_parallel, where=where)
-
-
-def check_layout(*, tp: int, pp: int, ep: int, etp: int | None, world: int,
-                 sequence_parallel: bool | None = None, where: str = "parallel") -> None:
-    """The one parallel-layout check (config validation, ``drpo plan``, ``drpo convert``): the
-    world must split into tp x pp model-parallel groups and pp x ep x etp expert groups.  The
-    architecture-dependent checks (heads by TP, experts by EP, layers by PP) are ``drpo plan``'s.
-    Raises :class:`ConfigError` naming the fields and the fix."""
-    for name, v in (("tp", tp), ("pp", pp), ("ep", ep), ("world size", world)):
-        if v < 1:
-            raise ConfigError(f"{where}.{name}={v} must be >= 1")
-    if etp is not None and etp < 1:
-        raise ConfigError(f"{where}.etp={etp} must be >= 1 (or null for the default, tp)")
-    if world % (tp * pp):
-        raise ConfigError(
-            f"{where}.tp={tp}, {where}.pp={pp}: world size {world} is not divisible by "
-            f"tp*pp={tp * pp}; change tp/pp or the number of processes (nodes x GPUs per node)")
-    e = tp if etp is None else etp
-    if world % (pp * ep * e):
-        raise ConfigError(
-            f"{where}.ep={ep}: world size {world} is not divisible by pp*ep*etp={pp * ep * e}; "
-            "use an ep (or etp) that divides it, or add nodes")
-    if sequence_parallel and tp == 1:
-        raise ConfigError(f"{where}.sequence_parallel=true needs {where}.tp > 1; set it to null "
-                          "or false")
+    def check(self, world: int | None = None) -> None:
+        """The one layout check (:func:`drpo_megatron.models.layout.check_layout`) of this layout
+        on ``world`` ranks (default: its own), plus the settings only a config has."""
+        try:
+            check_layout(tp=self.tp, pp=self.pp, ep=self.ep, etp=self.etp,
+                         world=world or self.world_size)
+        except LayoutError as e:
+            raise ConfigError(str(e)) from None
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1; set it to "
+                              "null or false")

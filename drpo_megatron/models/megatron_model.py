@@ -41,16 +41,42 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, get_args
 
 import torch
 
+from drpo_megatron.models.config import RecomputeMode
 from drpo_megatron.models.fp8_config import (apply_precision, check_fp8_supported,
                                              transformer_precision_fields)
 from drpo_megatron.platform import apply_cpu_compat, cpu_transformer_overrides
 from drpo_megatron.weights.hf_export import write_hf_checkpoint
 
 log = logging.getLogger(__name__)
+
+# megatron-bridge's optional-import helper (``megatron/bridge/utils/import_utils.py``,
+# ``safe_import_from``) logs every optional symbol it cannot import -- e.g.
+# ``FP8GlobalStateManager`` from Megatron's Transformer Engine extension, absent without TE --
+# at INFO *with the full traceback*, through a StreamHandler of its own, during ``import
+# megatron.bridge``.  A missing optional symbol is not an error (the bridge raises when one is
+# used), so those notices are dropped; its warnings and errors pass.
+BRIDGE_IMPORT_LOGGER = "megatron.bridge.utils.import_utils"
+
+
+class _DropOptionalImportNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+def quiet_optional_import_notices() -> None:
+    """Install the filter on the bridge's import logger (idempotent; before the bridge is
+    imported: the notices are logged at import time; the logger object is the same whether
+    created here or by the bridge)."""
+    lg = logging.getLogger(BRIDGE_IMPORT_LOGGER)
+    if not any(isinstance(f, _DropOptionalImportNotices) for f in lg.filters):
+        lg.addFilter(_DropOptionalImportNotices())
+
+
+quiet_optional_import_notices()
 
 __all__ = [
     "init_distributed",
@@ -64,6 +90,8 @@ __all__ = [
     "capture_final_hidden",
     "unwrap_model",
     "vocab_size",
+    "recompute_fields",
+    "quiet_optional_import_notices",
 ]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -223,6 +251,35 @@ def data_parallel_world_size() -> int:
 
 # ------------------------------------------------------------------------------- model loading
 
+RECOMPUTE_MODES = get_args(RecomputeMode)  # parallel.recompute (models/config.py)
+
+
+def recompute_fields(mode: str) -> Dict[str, Any]:
+    """Megatron-Core 0.19.2 ``TransformerConfig`` fields for ``parallel.recompute``.
+
+    * ``none``: nothing recomputed (``recompute_granularity=None``): every activation is kept.
+    * ``selective``: ``recompute_granularity="selective"``, ``recompute_modules=["core_attn"]``
+      (Megatron's default module set): the core attention (softmax(QK^T) V and its S x S score
+      and probability tensors) is recomputed in backward from Q, K, V.  With fused / flash
+      attention (Transformer Engine on GPU) that part keeps no S x S tensors anyway.
+    * ``full``: ``recompute_granularity="full"``, ``recompute_method="uniform"``,
+      ``recompute_num_layers=1``: every transformer layer is recomputed in backward; only each
+      layer's input [S, B, H] is kept (what ``drpo plan``'s estimate assumes).
+
+    Losses and gradients are the same in all three modes (``tests/models/test_recompute.py``).
+    """
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"parallel.recompute={mode!r}: choose one of {list(RECOMPUTE_MODES)}")
+    if mode == "none":
+        return {"recompute_granularity": None, "recompute_method": None,
+                "recompute_num_layers": None}
+    if mode == "selective":
+        return {"recompute_granularity": "selective", "recompute_method": None,
+                "recompute_num_layers": None, "recompute_modules": ["core_attn"]}
+    return {"recompute_granularity": "full", "recompute_method": "uniform",
+            "recompute_num_layers": 1}
+
+
 
 def _apply_fields(obj: Any, fields: Dict[str, Any], strict: bool) -> None:
     for key, value in fields.items():
@@ -248,6 +305,7 @@ def load_policy_from_hf(
     load_weights: bool = True,
     seed: int = 1234,
     fp8: Any = None,
+    recompute: str = "none",
 ) -> Tuple[Any, Any, List[torch.nn.Module]]:
     """Build the Megatron-Core model of an HF checkpoint via megatron-bridge.
 
@@ -266,11 +324,13 @@ def load_policy_from_hf(
     (:func:`init_distributed`) if needed.  ``fp8``: a
     :class:`~drpo_megatron.models.fp8_config.PrecisionConfig` with FP8 on (GPU + Transformer
     Engine; translated by ``fp8_config.apply_precision``, TE layer spec); None or FP8 off = the
-    ``dtype`` path.
+    ``dtype`` path.  ``recompute``: activation recomputation, none | selective | full
+    (:func:`recompute_fields`; ``overrides`` may set the same fields and win).
     """
     _ensure_platform()
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
+    recompute_cfg = recompute_fields(recompute)  # the clear error before anything is built
     if fp8 is not None and fp8.fp8:
         transformer_precision_fields(fp8)  # config errors first
         check_fp8_supported()              # then the clear "needs CUDA / TE" error
@@ -299,6 +359,7 @@ def load_policy_from_hf(
         provider.transformer_layer_spec = local_layer_spec
     if fp8 is not None and fp8.fp8:
         apply_precision(provider, fp8)
+    _apply_fields(provider, recompute_cfg, strict=True)
     if overrides:
         _apply_fields(provider, overrides, strict=True)
     provider.finalize()
@@ -330,8 +391,9 @@ def load_policy_from_hf(
         mcfg = get_model_config(model[0])
         mcfg.finalize_model_grads_func = finalize_model_grads
         mcfg.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
-    log.info("load_policy_from_hf: %s -> %d chunk(s), dtype %s, tp=%d pp=%d ep=%d sp=%s ddp=%s",
-             hf_dir, len(model), dtype, tp, pp, ep, provider.sequence_parallel, wrap_ddp)
+    log.info("load_policy_from_hf: %s -> %d chunk(s), dtype %s, tp=%d pp=%d ep=%d sp=%s ddp=%s "
+             "recompute=%s", hf_dir, len(model), dtype, tp, pp, ep, provider.sequence_parallel,
+             wrap_ddp, provider.recompute_granularity or "none")
     return bridge, provider, model
 
 

@@ -42,9 +42,19 @@ Log-prob buffers (the chunked vocab-parallel log-probs, chunk c = 1024)::
 
     3 * c * V/tp * 4 B  (fp32 chunk logits, softmax, grad)  +  2 * V/tp * h * 4 B (fp32 head + grad)
 
-Plus a fixed 3 GiB for the CUDA context, NCCL buffers and allocator slack.  Colocated rollout
-servers (``rollout_nodes: 0``) release their memory while the trainer runs (SGLang
-``release_memory_occupation``), so the trainer budget is the whole GPU.
+Plus a fixed 3 GiB for the CUDA context, NCCL buffers and allocator slack.
+
+Colocated rollout (``rollout_nodes: 0`` on GPUs, or ``rollout.colocate``;
+:mod:`drpo_megatron.rollout.colocate`): the servers release weights, KV cache and CUDA graphs
+while the trainer trains, so training has the whole GPU (the total above); during the rollout
+the trainer keeps its resident state (weights + gradients + optimizer states + overhead) next to
+the servers' weights (``params * 2 B / rollout_tp``), their reserve
+(``colocate.SERVER_RESERVE_GIB``) and the KV cache, which gets the rest::
+
+    KV = budget - resident - server weights - reserve;  --mem-fraction-static = (weights + KV) / budget
+
+refused when KV holds less than one sequence of ``max_prompt_tokens + max_new_tokens``
+(K and V of every full-attention layer: ``2 * L * kv_heads/rollout_tp * head_dim * 2 B`` per token).
 """
 
 from __future__ import annotations
@@ -58,6 +68,8 @@ from pathlib import Path
 from drpo_megatron.errors import InputError
 from drpo_megatron.models.tiny import VOCAB_SIZE
 from drpo_megatron.config import ArchConfig, ConfigError, RunConfig, load_config
+from drpo_megatron.models.layout import LayoutError, check_layout
+from drpo_megatron.rollout.colocate import ColocationError, check_config, colocated_memory
 
 GIB = 2 ** 30
 OVERHEAD_GIB = 3.0
@@ -168,30 +180,14 @@ def make_plan(cfg: RunConfig, nodes: int | None = None) -> Plan:
     world = par.world_size
     L = a.num_hidden_layers
     moe = a.num_experts > 0
-    # --- divisibility
-    if a.num_attention_heads % tp:
-        raise PlanError(f"parallel.tp={tp}: num_attention_heads={a.num_attention_heads} is not "
-                        f"divisible by it; use a divisor of {a.num_attention_heads}")
-    if a.num_key_value_heads % tp:
-        raise PlanError(f"parallel.tp={tp}: num_key_value_heads={a.num_key_value_heads} is not "
-                        f"divisible by it (Megatron splits KV groups over TP); use a divisor of "
-                        f"{a.num_key_value_heads}")
-    if L % pp:
-        raise PlanError(f"parallel.pp={pp}: num_hidden_layers={L} is not divisible by it; use a "
-                        f"divisor of {L}")
-    if ep > 1 and not moe:
-        raise PlanError(f"parallel.ep={ep}: {a.architecture or 'the model'} is dense (no experts); "
-                        "set parallel.ep: 1")
-    if moe and a.num_experts % ep:
-        raise PlanError(f"parallel.ep={ep}: num_experts={a.num_experts} is not divisible by it; use "
-                        f"a divisor of {a.num_experts}")
-    if world % (tp * pp):
-        raise PlanError(f"--nodes/parallel.num_nodes={par.num_nodes}: world size {world} "
-                        f"(x{par.gpus_per_node} GPUs) is not divisible by tp*pp={tp * pp}; use a "
-                        "node count that makes it divisible or change tp/pp")
-    if world % (pp * ep * etp):
-        raise PlanError(f"parallel.ep={ep}: world size {world} is not divisible by pp*ep*etp="
-                        f"{pp * ep * etp}; lower ep/etp or add nodes")
+    # --- divisibility: the one layout check (models/layout.py), on the numbers after --nodes
+    try:
+        check_layout(tp=tp, pp=pp, ep=ep, etp=par.etp, world=world,
+                     num_attention_heads=a.num_attention_heads,
+                     num_key_value_heads=a.num_key_value_heads, num_layers=L,
+                     num_experts=a.num_experts, model=a.architecture or "the model")
+    except LayoutError as e:
+        raise PlanError(str(e)) from None
     if par.gpus_per_node % par.rollout_tp:
         raise PlanError(f"parallel.rollout_tp={par.rollout_tp} does not divide "
                         f"parallel.gpus_per_node={par.gpus_per_node}; a server must fit in one node")
@@ -259,6 +255,20 @@ def check_fits(p: Plan, cfg: RunConfig) -> None:
                         f"does not fit (largest: {big} {parts[big]:.1f} GiB); {fix}")
 
 
+def colocated(p: Plan, cfg: RunConfig):
+    """The colocated memory split (``rollout/colocate.ColocatedMemory``) when the rollout servers
+    share the trainer's GPUs on a GPU cluster config; None otherwise."""
+    par = cfg.parallel
+    if par.rollout_nodes or not (par.device == "cuda" or cfg.rollout.colocate):
+        return None
+    try:
+        check_config(cfg, source="rollout.colocate" if cfg.rollout.colocate
+                     else "parallel.rollout_nodes=0 (colocated)")
+        return colocated_memory(p, resolve_arch(cfg), cfg)
+    except ColocationError as e:
+        raise PlanError(str(e)) from None
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="drpo plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("config", help="YAML run config (model_configs/*.yaml)")
@@ -266,10 +276,18 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.config)
-        p = make_plan(cfg, args.nodes)
-        text = json.dumps(asdict(p), indent=1) if args.json else p.table()
-        print(text)
+        if args.nodes is not None and args.nodes < 1:
+            raise PlanError(f"--nodes={args.nodes} must be >= 1")
+        # --nodes is applied before any check: the layout is validated once, for the node
+        # count that will run (not the YAML's own parallel.num_nodes)
+        overrides = {"parallel": {"num_nodes": args.nodes}} if args.nodes is not None else None
+        cfg = load_config(args.config, overrides)
+        p = make_plan(cfg)
+        colo = colocated(p, cfg)
+        if args.json:
+            print(json.dumps({**asdict(p), "colocated": asdict(colo) if colo else None}, indent=1))
+        else:
+            print(p.table() + (f"\n{colo.line()}" if colo else ""))
         check_fits(p, cfg)
     except (ConfigError, PlanError) as e:
         print(f"drpo plan: error: {e}", file=sys.stderr)
@@ -277,4 +295,10 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["Plan", "PlanError", "make_plan", "check_fits", "resolve_arch", "main"]
+__all__ = ["Plan", "PlanError", "make_plan", "check_fits", "colocated", "resolve_arch", "main"]
+
+
+def colocated_mem_fraction(cfg: RunConfig) -> float | None:
+    """``--mem-fraction-static`` of this run's colocated servers: the share of a GPU the plan
+    leaves them (rollout/colocate.py's ``colocated_memory``)."""
+    return colocated_memory(make_plan(cfg), resolve_arch(cfg), cfg).mem_fraction_static

@@ -529,6 +529,43 @@ def fix_cuda_device_redirect() -> None:
     _ensure_device_mode()
 
 
+def _patch_checkpoint_backward(mod: types.ModuleType) -> None:
+    for name in ("CheckpointFunction", "CheckpointWithoutOutputFunction"):
+        cls = getattr(mod, name, None)
+        if cls is None:
+            continue
+        original = cls.backward
+        if getattr(original, "_drpo_cpu_patch", False):
+            continue
+
+        def backward(ctx, *args, _original=original):
+            with _DEVICE_MODE:  # re-entered: backward runs with the mode switched off
+                return _original(ctx, *args)
+
+        backward._drpo_cpu_patch = True
+        backward.__wrapped_cpu_original__ = original
+        cls.backward = staticmethod(backward)
+
+
+@_fix
+def fix_recompute_device_redirect() -> None:
+    """Activation recompute (``recompute_granularity`` full / selective) re-runs forward code in
+    backward without the CUDA -> CPU redirect.
+
+    A ``TorchFunctionMode`` is switched off while its own handler runs, and ``loss.backward()`` /
+    ``torch.autograd.backward`` (which the schedules call) are handled by the mode as one call:
+    everything the autograd engine runs inside, including the forward that
+    ``megatron/core/tensor_parallel/random.py`` ``CheckpointFunction.backward`` recomputes, runs
+    without :func:`fix_cuda_device_redirect`.  The MoE router's
+    ``self.weight.data.to(device=torch.cuda.current_device())``
+    (``transformer/moe/router.py``) then fails with ``RuntimeError: Cannot access accelerator
+    device when none is available``.  Fix: the recomputing ``backward`` of Megatron's checkpoint
+    functions re-enters the device mode.
+    """
+    _ensure_device_mode()
+    _when_imported("megatron.core.tensor_parallel.random", _patch_checkpoint_backward)
+
+
 @_fix
 def fix_cuda_tensor_type_checks() -> None:
     """Optimizers compare ``param.type()`` with ``'torch.cuda.FloatTensor'``.

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 HEALTH_POLL_S = 1.0
 LOG_EVERY_S = 10.0  # how often a long wait says what it is waiting for
 LOG_TAIL_LINES = 30
+# SGLang's graceful SIGTERM path takes ~7-20 s on a loaded CPU machine (a 5 s drain poll, the
+# scheduler's ShutdownReq, reaping); only after this long is the process group killed.
+STOP_TIMEOUT_S = 60.0
 
 
 class ServerError(RuntimeFailure):
@@ -184,25 +187,34 @@ class ManagedProcess:
                 last_log = now
             time.sleep(HEALTH_POLL_S)
 
-    def stop(self, timeout_s: float = 20.0) -> None:
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Graceful stop: SIGTERM to the launched process only (the tether passes it to SGLang's
+        leader, which drains, tells its scheduler(s) to exit, reaps its children and exits 0);
+        after ``timeout_s`` SIGKILL to the whole process group (it is its own session).
+        Signalling the group first would kill the scheduler under the leader, whose watchdog then
+        logs a crash ("Subprocess scheduler_0 crashed with exit code -15 ... SIGQUIT received ...
+        one child failed") and SIGKILLs itself: a clean stop would read as a crash in the server
+        log.  A process that already died leaves none of its children behind either."""
         if self.external or self.proc is None:
             return
-        if self.proc.poll() is not None:  # it died: leave none of its children behind
+        if self.proc.poll() is not None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
             return
         try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout=timeout_s)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(timeout=timeout_s)
-        log.info("%s stopped", self.name)
+            how = f"exit code {self.proc.returncode}"
+        except subprocess.TimeoutExpired:
+            how = f"killed after {timeout_s:.0f}s"
+        try:  # children left behind (none after a graceful exit) or a stop that timed out
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait(timeout=timeout_s)
+        log.info("%s stopped (%s)", self.name, how)
 
     def __enter__(self):
         return self
@@ -403,6 +415,21 @@ class SGLangServer(ManagedProcess):
                               "group_name": group_name, "flush_cache": flush_cache,
                               "abort_all_requests": False},
                              "update_weights_from_distributed")
+
+    # ------------------------------------------------------------------ colocated memory
+    def release_memory_occupation(self, tags: list[str] | None = None) -> None:
+        """``/release_memory_occupation``: give back GPU memory (``tags`` of "weights",
+        "kv_cache", "cuda_graph"; None = all).  The server must be idle; with
+        ``--enable-memory-saver`` the memory returns to the device (weights' contents are lost:
+        push weights after resuming them); without it (and on CPU) SGLang's no-op adapter keeps
+        it.  See :mod:`drpo_megatron.rollout.colocate`."""
+        self._post("/release_memory_occupation", {} if tags is None else {"tags": list(tags)},
+                   self.cfg.weight_update_timeout_s, "release_memory_occupation")
+
+    def resume_memory_occupation(self, tags: list[str] | None = None) -> None:
+        """``/resume_memory_occupation``: map the released memory again (None = all tags)."""
+        self._post("/resume_memory_occupation", {} if tags is None else {"tags": list(tags)},
+                   self.cfg.weight_update_timeout_s, "resume_memory_occupation")
 
     def pause_generation(self, mode: str = "abort") -> None:
         """``/pause_generation``.  ``mode="abort"`` (the one used around weight updates) returns

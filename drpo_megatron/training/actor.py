@@ -87,7 +87,7 @@ class MegatronActor:
             cfg.hf_path, dtype=cfg.model.dtype, tp=par.tp, pp=par.pp, ep=par.ep, etp=par.etp,
             seq_parallel=par.sequence_parallel, wrap_ddp=True,
             use_distributed_optimizer=par.use_distributed_optimizer, seed=cfg.seed,
-            overrides=overrides or None, fp8=_precision(cfg))
+            overrides=overrides or None, fp8=_precision(cfg), recompute=par.recompute)
         self.optimizer = mm.build_optimizer(
             self.model, lr=optim.lr, weight_decay=optim.weight_decay, grad_clip=optim.grad_clip,
             adam_betas=(optim.adam_beta1, optim.adam_beta2),

@@ -42,7 +42,7 @@ class ReferencePolicy(MegatronActor):
         self.bridge, self.provider, self.model = mm.load_policy_from_hf(
             str(path), dtype=cfg.model.dtype, tp=par.tp, pp=par.pp, ep=par.ep, etp=par.etp,
             seq_parallel=par.sequence_parallel, wrap_ddp=False, seed=cfg.seed,
-            overrides=overrides or None, fp8=_precision(cfg))
+            overrides=overrides or None, fp8=_precision(cfg), recompute=par.recompute)
         for m in self.model:
             m.eval()
             m.requires_grad_(False)

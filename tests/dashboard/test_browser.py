@@ -6,7 +6,8 @@
 * ``--screenshot``: the PNG must show every run's colour in quantity (plots are drawn, not
   just present in the file).
 
-Skipped when Chromium is absent (CI installs it: .ci/apt-packages.txt).
+Chromium is part of the set-up (``bash scripts/install.sh`` installs it, .ci/apt-packages.txt):
+without it these tests fail, naming what to install -- they never skip silently.
 """
 
 from __future__ import annotations
@@ -23,9 +24,15 @@ from drpo_megatron.dashboard import main
 
 CHROMIUM = next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser",
                                                        "google-chrome")) if p), None)
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="headless Chromium not installed (apt-get install -y chromium; see .ci/apt-packages.txt)")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _chromium_installed():
+    """Before the module's other fixtures (autouse fixtures of a scope come first)."""
+    if CHROMIUM is None:
+        pytest.fail("headless Chromium not found (chromium, chromium-browser or google-chrome on "
+                    "PATH): `bash scripts/install.sh` installs it (as root; or `apt-get install -y "
+                    "chromium`, see .ci/apt-packages.txt)", pytrace=False)
 
 CHROMIUM_TIMEOUT_S = 90  # two shared cores: allow for a slow first start
 #: Each run's colour must cover at least this many pixels of the 1400x2600 screenshot (its lines

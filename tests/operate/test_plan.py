@@ -120,3 +120,29 @@ def test_hf_config_json_wins_over_model_arch(tmp_path):
         "intermediate_size": 16, "tie_word_embeddings": False}))
     cfg = _cfg({**DENSE_ARCH, "hidden_size": 4096}, {"recompute": "none"}, hf_path=str(hf))
     assert make_plan(cfg).params_total == 1568  # the config.json numbers, not model.arch
+
+
+def test_nodes_applied_before_the_layout_check(tmp_path, capsys):
+    """PP3 needs a world divisible by tp*pp = 6: not the YAML's 2 nodes (16 GPUs), but --nodes 3
+    (24 GPUs) is valid and must be accepted (one layout check, after the override)."""
+    src = open("model_configs/qwen3_30b_a3b_base_bf16.yaml").read()
+    cfg = tmp_path / "pp3.yaml"
+    cfg.write_text(src.replace("  pp: 1\n", "  pp: 3\n"))
+    assert main([str(cfg), "--nodes", "3"]) == 0
+    assert "world 24 = tp 2 x pp 3 x dp 4" in capsys.readouterr().out
+    assert main([str(cfg)]) == 2  # its own 2 nodes: 16 GPUs do not divide by 6
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tp*pp=6" in err[0]
+
+
+def test_layout_check_shared_by_plan_and_convert():
+    from drpo_megatron.models.layout import CLI_NAMES, LayoutError, check_layout, min_world_size
+
+    assert min_world_size(2, 1, 2) == 4 and min_world_size(2, 1, 2, 1) == 2
+    with pytest.raises(LayoutError, match=r"^parallel.tp=3: num_attention_heads=32"):
+        check_layout(tp=3, num_attention_heads=32)
+    with pytest.raises(LayoutError, match=r"^--ep=2 with --etp \(default --tp=2\).*--etp 1"):
+        check_layout(tp=2, ep=2, num_experts=4, gloo=True, names=CLI_NAMES)
+    check_layout(tp=2, ep=2, etp=1, num_experts=4, gloo=True, world=2, names=CLI_NAMES)
+    with pytest.raises(LayoutError, match=r"pp\*ep\*etp=8"):
+        check_layout(tp=2, ep=8, etp=1, world=4)

@@ -11,7 +11,7 @@ slurmdbd accounting, slurmctld, two slurmd n1/n2 on 127.0.0.1).
    id, ``sacct --duplicates``: REQUEUED then COMPLETED 0:0, ``Restarts=1``); the second run
    resumes from that checkpoint (its log says so) and every step 1..20 is logged exactly once.
 
-Needs root and the packages in .ci/apt-packages.txt (.ci/run installs them); without them these
+Needs root and the packages in .ci/apt-packages.txt (scripts/install.sh installs them); without them these
 tests FAIL, naming the install command.  Daemons are always stopped (module fixture teardown).
 """
 
@@ -116,8 +116,8 @@ def cluster(tmp_path_factory):
     missing = [b for b in BINARIES if shutil.which(b, path=env["PATH"]) is None]
     if missing:
         pytest.fail(f"SLURM test needs {', '.join(missing)}: install them with "
-                    f"`apt-get install -y {PACKAGES}` (listed in .ci/apt-packages.txt; .ci/run "
-                    f"installs them)")
+                    f"`apt-get install -y {PACKAGES}` (listed in .ci/apt-packages.txt; "
+                    f"`bash scripts/install.sh` installs them as root)")
     if os.geteuid() != 0:
         pytest.fail("SLURM test needs root (it starts munged/slurmctld/slurmd and creates device nodes)")
     root = tmp_path_factory.mktemp("slurm")

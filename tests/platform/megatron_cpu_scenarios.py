@@ -36,6 +36,9 @@ EXPECTED_ERRORS = {
     "cuda_device_redirect": (
         "pipeline_schedule", "Torch not compiled with CUDA enabled",
         "megatron/core/pipeline_parallel/schedules.py"),
+    "recompute_device_redirect": (
+        "recompute_moe_backward", "Cannot access accelerator device",
+        "megatron/core/transformer/moe/router.py"),
     "cuda_tensor_type_checks": (
         "distributed_optimizer", "Wrapped parameters must be one of torch.cuda.FloatTensor",
         "megatron/core/optimizer/distrib_optimizer.py"),
@@ -197,6 +200,20 @@ def distopt_checkpoint_roundtrip():
     assert all(float(t) == 1.0 for t in steps), steps
 
 
+def recompute_moe_backward():
+    """Full activation recompute of a MoE layer: backward re-runs its forward."""
+    import torch
+
+    _init_dist()
+    model = _tiny_gpt(recompute_granularity="full", recompute_method="uniform",
+                      recompute_num_layers=1)
+    model.train()
+    ids = torch.randint(0, 64, (2, 8))
+    pos = torch.arange(8).expand(2, 8)
+    mask = torch.ones(8, 8, dtype=torch.bool).triu(1).view(1, 1, 8, 8)
+    model(ids, pos, mask, labels=ids).float().mean().backward()
+
+
 def alltoall_split_sizes():
     import torch
     import torch.distributed as dist
@@ -219,7 +236,7 @@ def sequence_parallel_norm():
 SCENARIOS = {f.__name__: f for f in (
     import_transformers_models, import_bridge, rng_seed, build_moe_gpt, pipeline_schedule,
     distributed_optimizer, distopt_checkpoint_roundtrip, alltoall_split_sizes,
-    sequence_parallel_norm)}
+    sequence_parallel_norm, recompute_moe_backward)}
 
 
 def _run_one(exclude, scenarios) -> int:
