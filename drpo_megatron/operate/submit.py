@@ -45,7 +45,7 @@ import yaml
 
 from drpo_megatron.errors import InputError
 from drpo_megatron.config import ConfigError, RunConfig, load_config
-from drpo_megatron.operate.plan import PlanError, check_fits, make_plan
+from drpo_megatron.operate.plan import PlanError, check_fits, colocated, make_plan
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO / "slurm"
@@ -267,6 +267,7 @@ def main(argv: list[str]) -> int:
         cfg = load_config(args.config, over)
         plan = make_plan(cfg)
         check_fits(plan, cfg)
+        colocated(plan, cfg)  # a colocated layout that cannot share the GPUs: refused here too
         # absolute: the job (and its requeued runs) must find <output_dir>/checkpoint whatever
         # directory it starts in
         cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
