@@ -17,6 +17,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import yaml  # noqa: E402
+from subprocess_util import worker_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,9 +34,7 @@ def run_drpo_train(cfg: dict, root: Path, *, name: str = "run", nproc: int = 1,
     if nproc > 1:
         args = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                 "--master-port", str(master_port or 29500), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=worker_env(), capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, f"{name}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return out

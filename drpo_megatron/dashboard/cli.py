@@ -23,6 +23,8 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+from drpo_megatron.errors import InputError
+
 from .data import load_runs, run_signature
 from .report import build_report
 from .svg import PALETTE
@@ -195,6 +197,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--window must be >= 0 and --refresh > 0")
     study = study_dir(args.runs)
     out = Path(args.output or (study / "report.html" if study is not None else "report.html"))
+    if out.is_dir():
+        raise InputError(f"-o {str(out)!r} is a directory; give the report's file name, e.g. "
+                         f"-o {out / 'report.html'}")
     if not args.serve:
         html = render(args.runs, title=args.title, window=args.window)
         _write(out, html)

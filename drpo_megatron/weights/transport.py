@@ -36,11 +36,13 @@ from typing import Any, Callable, get_args, Iterable, Iterator, Literal, Protoco
 import torch
 
 from drpo_megatron.dist import barrier, free_port, is_driver
+from drpo_megatron.models.megatron_model import loopback_store
 from drpo_megatron.rollout.server import SGLangServer, ServerError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BUCKET_MB = 512.0
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")  # a distributed-transport master address on this host
 
 
 class WeightTransport(Protocol):
@@ -212,15 +214,18 @@ class TensorTransport(_BaseTransport):
 
 
 def init_custom_process_group(*, backend: str, init_method: str, world_size: int, rank: int,
-                              group_name: str, timeout_s: float = 600.0):
+                              group_name: str, timeout_s: float = 600.0, store=None):
     """A process group outside the default one (the trainer's own world is unrelated to the
     update group): the same construction as SGLang's ``init_custom_process_group``, which the
-    server side uses, so both sides rendezvous on one prefixed TCP store."""
+    server side uses, so both sides rendezvous on one prefixed TCP store.  ``store``: the master
+    store made beforehand (rank 0 on loopback: it then listens on 127.0.0.1 only), else the
+    rendezvous of ``init_method`` makes it."""
     from torch.distributed.distributed_c10d import (Backend, PrefixStore, _new_process_group_helper,
                                                     _world, rendezvous)
 
     timeout = datetime.timedelta(seconds=timeout_s)
-    store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
+    if store is None:
+        store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
     store.set_timeout(timeout)
     store = PrefixStore(group_name, store)
     pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store,
@@ -281,12 +286,16 @@ class DistributedTransport(_BaseTransport):
         """(Re)build the update group over the current servers (rank 0 = trainer)."""
         if self.group is not None:
             self.close()
-        port = free_port(self.master_address)
         DistributedTransport._groups_made += 1
         self.group_name = f"drpo_weight_update_{DistributedTransport._groups_made}"
         tps = [s.tp_size() for s in self.servers]
         world = 1 + sum(tps)
         timeout = max(s.cfg.weight_update_timeout_s for s in self.servers)
+        store = None
+        if self.master_address in LOOPBACK_HOSTS:  # the group's store on 127.0.0.1 only
+            store, port = loopback_store(datetime.timedelta(seconds=timeout), world_size=world)
+        else:  # the servers are on other hosts: the store must be reachable from them
+            port = free_port(self.master_address)
         calls, offset = [], 1
         for s, tp in zip(self.servers, tps):
             calls.append(lambda s=s, off=offset: s.init_weights_update_group(
@@ -298,7 +307,7 @@ class DistributedTransport(_BaseTransport):
         t0 = time.time()
         self.group = init_custom_process_group(
             backend=self.backend, init_method=f"tcp://{self.master_address}:{port}",
-            world_size=world, rank=0, group_name=self.group_name, timeout_s=timeout)
+            world_size=world, rank=0, group_name=self.group_name, timeout_s=timeout, store=store)
         _join(threads, errors, timeout, "init_weights_update_group")
         self._group_servers = self._members()
         log.info("weight update group %s: trainer + %d server ranks (%s), %.1fs", self.group_name,

@@ -13,12 +13,12 @@ checkpoints built here (transformers config + random init + save_pretrained).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from subprocess_util import worker_env
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,10 +26,7 @@ LOGITS_ATOL = 1e-5  # fp32 (measured ~2e-7)
 
 
 def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return env
+    return worker_env()
 
 
 def drpo(*args, timeout=400) -> subprocess.CompletedProcess:

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import pytest
+from subprocess_util import worker_env
 import yaml
 
 pytestmark = pytest.mark.slow
@@ -58,9 +59,7 @@ def _cmd(cfg: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return env
+    return worker_env()
 
 
 def _losses(run: Path) -> dict[int, dict]:

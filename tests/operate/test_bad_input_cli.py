@@ -268,3 +268,11 @@ def test_truncated_checkpoint_on_resume(tmp_path):
 def test_resume_flag_without_checkpoint(tmp_path):
     check(drpo("train", "--output-dir", str(tmp_path / "run"), "--resume"), 2, "--resume",
           "no checkpoint", run_dir=tmp_path / "run", created=True)
+
+
+def test_dashboard_output_is_a_directory(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "rollout/reward_mean": 0.5}) + "\n")
+    check(drpo("dashboard", str(run), "-o", str(tmp_path)), 2, "is a directory", "report.html")
+    assert not list(tmp_path.glob("*.tmp"))
