@@ -140,7 +140,7 @@ def run_mode(hf: str, mode: str, ids: torch.Tensor, reps: int) -> dict:
     out = {"mode": mode, "loss": loss, "grads": grads, "calls": calls, "peak_bytes": peak,
            "step_s": statistics.median(times),
            "granularity": m.config.recompute_granularity, "modules": m.config.recompute_modules}
-    del model, m, layer
+    model = m = layer = None  # the closure above holds `model`: drop the references
     gc.collect()
     return out
 

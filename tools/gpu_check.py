@@ -411,7 +411,8 @@ def markdown(results: dict, args) -> str:
     lines = [f"## GPU check (`tools/gpu_check.py`, {args.device})", ""]
     tr = results.get("train", {})
     for r in tr.get("runs", []):
-        lines.append(f"- MoE train step, recompute {r['recompute']}: {r.get('perf/tokens_per_s_per_gpu', float('nan')):.0f} "
+        tps = r.get('perf/tokens_per_s_per_gpu', float('nan'))
+        lines.append(f"- MoE train step, recompute {r['recompute']}: {tps:.0f} "
                      f"tokens/s, MFU {r.get('perf/mfu', float('nan')):.3f}, step {r['step_s']:.3f} s, "
                      f"peak {r['peak_mem_gib']:.1f} GiB ({r['device']})")
     for r in results.get("logprobs", {}).get("rows", []):
@@ -425,7 +426,8 @@ def markdown(results: dict, args) -> str:
                      f"{r['quantize_vs_copy']:.3f} x copy ({r['copy_gbps']:.1f} GB/s)")
     c = results.get("colocate", {})
     if "released_gib" in c:
-        lines.append(f"- colocate: released {c['released_gib']:.1f} GiB of {c['server_weights_gib'] + c['kv_cache_gib']:.1f} "
+        total = c['server_weights_gib'] + c['kv_cache_gib']
+        lines.append(f"- colocate: released {c['released_gib']:.1f} GiB of {total:.1f} "
                      f"(release {c['release_s']:.3f} s, resume weights {c['resume_weights_s']:.3f} s, "
                      f"push copy {c['push_copy_gbps']:.0f} GB/s, resume KV {c['resume_kv_s']:.3f} s)")
     for name, r in results.items():
