@@ -207,6 +207,15 @@ def drpo(logp, rollout_logp, advantages, mask, cfg=None, **extra):
     return _quadratic(b, cfg, cfg.delta, mu_weighting=cfg.mu_weighting)
 
 
+def _addcmul(base: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, value: float) -> torch.Tensor:
+    """``base + value * t1 * t2`` in one fused pass; a ``value`` beyond the dtype's range (a
+    delta / epsilon near 0, e.g. 1e-45) gives +-inf instead of torch's overflow error, so the
+    step is skipped as non-finite (training/actor.py) rather than crashing."""
+    if abs(value) <= torch.finfo(base.dtype).max:
+        return torch.addcmul(base, t1, t2, value=value)
+    return base + t1 * t2 * torch.tensor(value, dtype=base.dtype)
+
+
 def _quadratic(b: TokenBatch, cfg, scale: float, mu_weighting: bool):
     """J = r A - |A| m (r - 1)^2 / (2 scale), w = 1 - sign(A) m (r - 1) / scale (m = mu or 1).
 
@@ -219,8 +228,8 @@ def _quadratic(b: TokenBatch, cfg, scale: float, mu_weighting: bool):
         shift = b.prob_diff if mu_weighting else d  # m (r - 1): pi - mu, or r - 1
         q = torch.sign(b.adv).mul_(shift)  # 0 on invalid tokens
         aq = b.adv * q  # |A| m (r - 1)
-        objective = torch.addcmul(b.ratio_adv, aq, d, value=-0.5 / scale)
-        grad_coef = torch.addcmul(b.ratio_adv, b.ratio_adv, q, value=-1.0 / scale)
+        objective = _addcmul(b.ratio_adv, aq, d, -0.5 / scale)
+        grad_coef = _addcmul(b.ratio_adv, b.ratio_adv, q, -1.0 / scale)
         reg_sum = torch.dot(aq.reshape(-1), d.reshape(-1)) * (0.5 / scale)
         q_mean = b.mean(q)
         q_lo, q_hi = b.minmax(q, q_mean, neutral=0.0)
