@@ -101,7 +101,8 @@ def train(cfg: RunConfig) -> dict[str, float]:
             #    π_old when the loss is anchored on the old policy), then the mini-batch updates
             t0 = time.time()
             logp = run.actor.compute_logprobs(samples)
-            metrics.update(run.monitor.measure(step, samples, logp))
+            metrics.update(run.monitor.measure(step, samples, logp,
+                                               routes=run.actor.recorded_routes()))  # R3
             metrics.update(run.actor.train_on(samples,
                                               anchor_logp=logp if old_policy_anchor else None))
             metrics["perf/train_time_s"] = time.time() - t0

@@ -64,7 +64,13 @@ class RolloutRecorder:
                                      "text": s.text, "answer": s.answer, "reward": s.reward,
                                      "advantage": s.advantage, "finish_reason": s.finish_reason,
                                      "weight_version": s.weight_version, "in_loss": s.in_loss,
-                                     "meta": s.meta}) + "\n")
+                                     "meta": s.meta, **_routes_field(s)}) + "\n")
+
+
+def _routes_field(s: Sample) -> dict[str, Any]:
+    """``routed_experts`` ({shape [T, L, K], dtype, b64}) when the sample carries the engine's
+    routes (rollout.routing_replay record / replay)."""
+    return {} if s.routed_experts is None else {"routed_experts": s.routed_experts.to_json()}
 
 
 class Progress:

@@ -17,6 +17,7 @@ import torch
 from drpo_megatron.algorithms import compute_advantages
 from drpo_megatron.data.math import encode_prompt
 from drpo_megatron.rollout.engine import generate_groups, seeded_generate_groups
+from drpo_megatron.rollout.routes import RouteSpec
 from drpo_megatron.rollout.sampling import generate_scored_groups
 from drpo_megatron.samples import Sample
 
@@ -35,10 +36,13 @@ class RolloutGenerator:
     float; ``advantage``: the estimator name (``loss.advantage``); ``seed`` / ``seeded``:
     ``train.seed`` / ``train.seeded_rollouts``; ``top_k``: µ's top-K log-probs to request (0 =
     none; DPPO top-K losses need them); ``eval_problems`` / ``eval_k``: the held-out set and k of
-    avg@k; ``tokenizer``: encodes the eval prompts."""
+    avg@k; ``tokenizer``: encodes the eval prompts; ``routes``: the policy's route shape when
+    the training samples must carry the engine's routed experts (``rollout.routing_replay``
+    record / replay; evaluation never asks for them)."""
 
     def __init__(self, cfg: Any, front: Any, reward: RewardFn, *, advantage: str, seed: int,
-                 seeded: bool, top_k: int, eval_problems: Sequence[Any], eval_k: int, tokenizer):
+                 seeded: bool, top_k: int, eval_problems: Sequence[Any], eval_k: int, tokenizer,
+                 routes: RouteSpec | None = None):
         self.cfg = cfg
         self.front = front
         self.reward = reward
@@ -46,6 +50,7 @@ class RolloutGenerator:
         self.seed = seed
         self.seeded = seeded
         self.top_k = top_k
+        self.routes = routes
         self.eval_problems = list(eval_problems)
         self.eval_k = eval_k
         self._eval_prompts = [encode_prompt(tokenizer, p.prompt_text) for p in self.eval_problems]
@@ -62,11 +67,12 @@ class RolloutGenerator:
             return seeded_generate_groups(self.front, prompts, answers, n=r.samples_per_prompt,
                                           temperature=r.temperature, top_p=r.top_p,
                                           max_new_tokens=r.max_new_tokens, seed=self.seed,
-                                          step=step, first_group=first_group, top_k=self.top_k)
+                                          step=step, first_group=first_group, top_k=self.top_k,
+                                          routes=self.routes)
         return generate_groups(self.front, prompts, answers, n=r.samples_per_prompt,
                                temperature=r.temperature, top_p=r.top_p,
                                max_new_tokens=r.max_new_tokens, first_group_id=first_group,
-                               top_k=self.top_k)
+                               top_k=self.top_k, routes=self.routes)
 
     def score(self, samples: Sequence[Sample]) -> None:
         """Set each sample's reward."""
