@@ -180,7 +180,7 @@ class MegatronActor:
 
     def _micro_batches(self, samples: Sequence[Sample], first_seq_id: int = 0,
                        with_routes: bool = False):
-        width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+        width = self._padded_width(max(len(s.prompt_ids) + len(s.response_ids) for s in samples))
         mbs = []
         mbsz = self.cfg.parallel.micro_batch_size
         for i in range(0, len(samples), mbsz):
@@ -188,6 +188,15 @@ class MegatronActor:
             mbs.append(pack_samples(chunk, pad_id=self.pad_id, seq_len=width,
                                     first_seq_id=first_seq_id + i, with_routes=with_routes))
         return mbs, width
+
+    def _padded_width(self, width: int) -> int:
+        """``width`` rounded up to a multiple of the TP size under sequence parallelism (Megatron
+        splits the sequence over the TP ranks and asserts it divides; the extra positions are
+        padding, outside the loss)."""
+        tp = self.cfg.parallel.tp
+        if tp > 1 and self.provider.sequence_parallel:
+            return -(-width // tp) * tp
+        return width
 
     def _routing_step(self, samples: Sequence[Sample], *, capture: bool = False):
         """Routing replay around one collective pass (yields whether the micro-batches carry
@@ -298,7 +307,8 @@ class MegatronActor:
                              "ranks (prompts per mini-batch x samples per prompt must be a "
                              "multiple of the DP size)")
         per_rank = len(samples) // dp
-        width = _all_reduce_max(max(len(s.prompt_ids) + len(s.response_ids) for s in samples), dp)
+        width = self._padded_width(
+            _all_reduce_max(max(len(s.prompt_ids) + len(s.response_ids) for s in samples), dp))
         first = dp_rank * per_rank
         local = samples[first: first + per_rank]
         mbsz = self.cfg.parallel.micro_batch_size

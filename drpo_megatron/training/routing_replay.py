@@ -197,7 +197,7 @@ class RouterControl:
             if self._capture and layer in self._captured:
                 routing_map = output[1]  # [N, E] bool, N = S_local * B in (s, b) order
                 ids = routing_map.to(torch.int8).topk(self.top_k, dim=1).indices
-                self._captured[layer].append(ids.detach().to("cpu", torch.int16))
+                self._captured[layer].append(ids.detach().to("cpu", torch.int32))  # gloo: no int16
         return hook
 
     # ------------------------------------------------------------------ layouts
