@@ -47,6 +47,11 @@ class RoutesError(RuntimeFailure):
     """A /generate output's routed experts are missing or malformed."""
 
 
+#: config.json names of the routed-expert count (Qwen3-MoE as written by transformers 4 / 5,
+#: DeepSeek-style models)
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
 @dataclass(frozen=True)
 class RouteSpec:
     """What the routes of the policy look like: ``num_layers`` (the engine's layer dimension,
@@ -60,7 +65,7 @@ class RouteSpec:
     def from_hf_config(cls, cfg: dict[str, Any]) -> "RouteSpec | None":
         """From an HF ``config.json`` mapping; None for a dense model (no routed experts)."""
         text = cfg.get("text_config") or cfg
-        experts = text.get("num_experts") or text.get("n_routed_experts")
+        experts = next((text[k] for k in EXPERT_COUNT_KEYS if text.get(k)), None)
         top_k = text.get("num_experts_per_tok")
         if not experts or not top_k:
             return None
@@ -75,8 +80,8 @@ def route_spec(mode: str, policy_dir: str | Path) -> RouteSpec | None:
     spec = RouteSpec.from_hf_config(json.loads((Path(policy_dir) / "config.json").read_text()))
     if spec is None:
         raise ValueError(f"rollout.routing_replay={mode!r}: the policy {policy_dir} is not a "
-                         "Mixture-of-Experts model (no num_experts / num_experts_per_tok in its "
-                         "config.json); set rollout.routing_replay: off")
+                         "Mixture-of-Experts model (no expert count or num_experts_per_tok in "
+                         "its config.json); set rollout.routing_replay: off")
     return spec
 
 

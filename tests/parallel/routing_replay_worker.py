@@ -1,9 +1,12 @@
 """Routing replay (R3) in the real MegatronActor under one parallel layout (script for the tests).
 
-``python routing_replay_worker.py HF_DIR LAYOUT MODE OUT_JSON [recompute]`` (under torchrun with 2
-ranks for tp2 / pp2 / ep2).  MODE: off | replay.  The samples carry synthetic engine routes
-(random distinct experts per token and layer, fixed seed), so replay forces routes the trainer's
-router would not pick.  It runs the mismatch forward (``compute_logprobs``) and ``STEPS``
+``python routing_replay_worker.py HF_DIR LAYOUT MODE OUT_JSON [RECOMPUTE [SAMPLES.pkl]]`` (under
+torchrun with 2 ranks for tp2 / pp2 / ep2).  MODE: off | record | replay; RECOMPUTE: none |
+selective | full.  The samples carry synthetic engine routes (random distinct experts per token
+and layer, fixed seed: replay then forces routes the trainer's router would not pick), or are a
+real SGLang server's samples with its routes (``SAMPLES.pkl``, a pickled list of Samples).
+``mismatch`` is the loop's mismatch monitor on the mismatch forward (``mismatch/moe/*`` with
+record / replay).  It runs the mismatch forward (``compute_logprobs``) and ``STEPS``
 ``train_on`` calls of ``UPDATES`` mini-batches, each of several micro-batches, and reports
 per-update loss / grad norm (rank 0).
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
 import time
 
@@ -124,12 +128,14 @@ def check_calls(probe, batches, *, tp: int, tp_rank: int, sp: bool, top_k: int):
     return stats
 
 
-def main(hf_dir: str, layout: str, mode: str, out: str, recompute: str = "none") -> None:
+def main(hf_dir: str, layout: str, mode: str, out: str, recompute: str = "none",
+         samples_path: str = "") -> None:
     import numpy as np
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from drpo_megatron.config import LossSection, ModelConfig, OptimConfig, ParallelConfig
+    from drpo_megatron.mismatch.monitor import MismatchMonitor
     from drpo_megatron.models import megatron_model as mm
     from drpo_megatron.training.actor import MegatronActor
     from drpo_megatron.training.config import ActorConfig
@@ -143,9 +149,13 @@ def main(hf_dir: str, layout: str, mode: str, out: str, recompute: str = "none")
         loss=LossSection(name="drpo", aggregation="seq-mean-token-sum-norm", horizon=16),
         parallel=ParallelConfig(micro_batch_size=MICRO, use_distributed_optimizer=False,
                                 recompute=recompute, **lay),
-        temperature=0.9, seed=1234, routing_replay=mode))
+        temperature=1.0, seed=1234, routing_replay=mode))
     cfg = actor.tmodel_config
-    samples = make_samples(cfg.num_layers, cfg.moe_router_topk, cfg.num_moe_experts)
+    if samples_path:  # a real engine's samples (pickled Samples with routed_experts)
+        with open(samples_path, "rb") as fh:
+            samples = pickle.load(fh)
+    else:
+        samples = make_samples(cfg.num_layers, cfg.moe_router_topk, cfg.num_moe_experts)
     probe = RouterProbe(actor.model)
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -164,6 +174,7 @@ def main(hf_dir: str, layout: str, mode: str, out: str, recompute: str = "none")
     if mode == "replay":
         res["checks"].append(check_calls(probe, batches, tp=tp, tp_rank=tp_rank, sp=sp,
                                          top_k=cfg.moe_router_topk))
+    if mode != "off":
         rec = actor.recorded_routes()
         res["recorded_equals_engine"] = bool(rec is not None and all(
             (np.sort(r, -1) == np.sort(s.routed_experts.array()[
@@ -172,6 +183,9 @@ def main(hf_dir: str, layout: str, mode: str, out: str, recompute: str = "none")
             for r, s in zip(rec.per_sample, samples)))
         res["recorded_layers"] = None if rec is None else rec.layers
     res["logp_sum"] = float(sum(float(x.double().sum()) for x in logp))
+    # the mismatch monitor of the loop on this forward (mismatch/moe/* with record / replay)
+    res["mismatch"] = MismatchMonitor(actor.loss_cfg).measure(
+        1, samples, logp, routes=actor.recorded_routes())
     for _ in range(STEPS):
         probe.reset()
         m = actor.train_on(samples, anchor_logp=logp)  # π_old anchor: the replayed mismatch forward
