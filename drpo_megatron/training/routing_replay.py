@@ -28,9 +28,9 @@ Layouts:
 * pipeline parallelism: each stage's routers carry their global ``layer_number`` (1-based, offset
   included): each takes the engine's layer ``layer_number - 1``.
 * expert parallelism (all-to-all dispatcher): routing happens before the dispatch, on the rank's
-  own tokens; padding positions and the last token (which the engine never ran) get
-  :data:`FILLER` experts ``0..K-1`` (distinct and valid, so the dispatcher's token counts stay
-  consistent on every rank; their outputs never reach the loss).
+  own tokens; padding positions and the last token (which the engine never ran) get the filler
+  experts ``0..K-1`` (``training/batch.py``: distinct and valid, so the dispatcher's token
+  counts stay consistent on every rank; their outputs never reach the loss).
 * activation recompute: ``RouterReplay`` keeps every target it was given in a FIFO
   (``replay_backward_list``) and pops it under the ``REPLAY_BACKWARD`` action.  A gradient hook
   on each micro-batch's forward output switches the routers to ``REPLAY_BACKWARD`` when that
@@ -269,9 +269,3 @@ class RouterControl:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-
-
-#: experts given to positions the engine never ran (padding, the last sampled token)
-def filler(top_k: int) -> torch.Tensor:
-    """[K] distinct valid expert ids ``0..K-1``."""
-    return torch.arange(top_k, dtype=torch.int16)

@@ -5,7 +5,7 @@ server with --enable-return-routed-experts on the policy, its weights in the rol
 ``PRECISION`` (bf16 | fp8_emulated | nvfp4_emulated | mxfp4_emulated: a checkpoint quantized the
 way the weight sync quantizes it, what a run with that ``rollout.precision`` serves), generates
 groups of the arithmetic task through drpo's own rollout path (``seeded_generate_groups`` with
-the policy's RouteSpec) and writes ``OUT_DIR/samples.pkl`` (the Samples) and
+the policy's RouteSpec, through the client-side ``Fleet``) and writes ``OUT_DIR/samples.pkl`` (the Samples) and
 ``OUT_DIR/engine.json``: the raw ``meta_info.routed_experts`` of the first outputs decoded by
 SGLang's own decoder (``extract_routed_experts_from_meta_info``) next to ours.  With ``ROUTER``
 (``router``) it also sends one request through a real sglang-router 0.3.2 in front of the server
@@ -40,6 +40,7 @@ def main(policy: str, precision: str, out_dir: str, router: str = "") -> None:
     from drpo_megatron.data.arithmetic import make_problems
     from drpo_megatron.data.math import encode_prompt
     from drpo_megatron.rollout.engine import seeded_generate_groups
+    from drpo_megatron.rollout.fleet import Fleet
     from drpo_megatron.rollout.router import SGLangRouter
     from drpo_megatron.rollout.routes import SERVER_FLAG, route_spec
     from drpo_megatron.rollout.server import ServerConfig, SGLangServer
@@ -62,7 +63,9 @@ def main(policy: str, precision: str, out_dir: str, router: str = "") -> None:
     res: dict = {"precision": precision, "spec": [spec.num_layers, spec.top_k, spec.num_experts]}
     with SGLangServer(served, cfg, out / "logs", name="sglang-r3").start() as server:
         server.wait_healthy()
-        samples = seeded_generate_groups(server, prompts, [p.answer for p in problems],
+        # through the client-side fleet (rollout.router: client): the field must survive it
+        samples = seeded_generate_groups(Fleet([server], max_attempts=1), prompts,
+                                         [p.answer for p in problems],
                                          n=SAMPLES_PER_PROMPT, temperature=TEMPERATURE, top_p=1.0,
                                          max_new_tokens=MAX_NEW_TOKENS, seed=7, step=1,
                                          routes=spec)

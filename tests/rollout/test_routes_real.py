@@ -1,9 +1,9 @@
 """Routing replay (R3) against a real SGLang 0.5.23 CPU server and a real sglang-router 0.3.2.
 
-* The server (launched with --enable-return-routed-experts through drpo's CPU layer) returns
-  every forwarded token's experts; drpo's decoder reads exactly what SGLang's own decoder
-  (``extract_routed_experts_from_meta_info``) reads; the prompt's routes of the samples of one
-  prompt are the same (the prefix cache serves them).
+* The server (launched with --enable-return-routed-experts through drpo's CPU layer) returns,
+  through drpo's client-side fleet, every forwarded token's experts; drpo's decoder reads exactly
+  what SGLang's own decoder (``extract_routed_experts_from_meta_info``) reads; the prompt's routes
+  of the samples of one prompt are the same (the prefix cache serves them).
 * sglang-router 0.3.2 drops the field: the reason routing replay is refused behind it (if this
   test fails because the router keeps the routes, the refusal in rollout/routes.py can go).
 * The real actor on the real engine's routes (MXFP4-emulated rollout weights, where routing
