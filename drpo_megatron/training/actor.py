@@ -199,8 +199,8 @@ class MegatronActor:
         return width
 
     def _routing_step(self, samples: Sequence[Sample], *, capture: bool = False):
-        """Routing replay around one collective pass (yields whether the micro-batches carry
-        the engine's routes); a no-op context without it."""
+        """Routing replay around one collective pass (yields whether the micro-batches must
+        carry the engine's routes: replay); a no-op context without it."""
         if self.routing is None:
             return contextlib.nullcontext(False)
         return self.routing.step(samples, capture=capture)
@@ -312,7 +312,8 @@ class MegatronActor:
         first = dp_rank * per_rank
         local = samples[first: first + per_rank]
         mbsz = self.cfg.parallel.micro_batch_size
-        routed = self.routing is not None and self.routing.samples_carry_routes(samples)
+        routed = (self.routing is not None and self.routing.mode == "replay"
+                  and self.routing.samples_carry_routes(samples))
         mbs = [pack_samples(local[i: i + mbsz], pad_id=self.pad_id, seq_len=width,
                             first_seq_id=first + i, with_topk=self._needs_topk,
                             with_routes=routed)

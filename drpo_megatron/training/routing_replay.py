@@ -136,14 +136,17 @@ class RouterControl:
     def step(self, samples: Sequence[Sample], *, capture: bool) -> Iterator[bool]:
         """One collective pass over ``samples`` (all micro-batches): replays when the mode is
         replay and the samples carry routes; with ``capture`` (the mismatch forward) records the
-        routing used into :attr:`last`.  Yields whether the micro-batches need packed routes.
-        The state is fresh at the start and cleared at the end, also on error."""
+        routing used into :attr:`last` (None when the samples carry no routes).  Yields whether
+        the micro-batches need packed routes (replay).  The state is fresh at the start and
+        cleared at the end, also on error."""
         routed = self.samples_carry_routes(samples)
         self._reset()
         self._replay = routed and self.mode == "replay"
         self._capture = routed and capture
+        if capture:
+            self.last = None
         try:
-            yield routed
+            yield self._replay
             if self._capture:
                 self.last = self._gather(samples)
         finally:
