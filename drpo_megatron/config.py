@@ -34,10 +34,12 @@ from drpo_megatron.rollout.auth import ApiKeyError, read_key_file
 from drpo_megatron.rollout.colocate import ColocationError
 from drpo_megatron.rollout.colocate import check_config as check_colocation
 from drpo_megatron.rollout.router import RouterKind, RouterPolicy
+from drpo_megatron.rollout.routes import check_routing_replay_front
 from drpo_megatron.rollout.sampling import OnExhausted, OverlongMode
 from drpo_megatron.rollout.server import ServerConfig
 from drpo_megatron.schema import ConfigError, Section, build_section, load_yaml
 from drpo_megatron.training.config import ActorConfig, OptimConfig
+from drpo_megatron.training.routing_replay import RoutingReplayMode
 from drpo_megatron.weights.hf_export import RolloutPrecision
 from drpo_megatron.weights.transport import WeightTransportName
 
@@ -121,6 +123,14 @@ class RolloutConfig(Section):
     saver, their weights + KV cache released while the trainer trains and resumed around each
     weight push. Also on with env DRPO_ROLLOUT_MODE=colocated (exported by
     slurm/colocated.sbatch.tmpl). Needs parallel.rollout_nodes: 0, weight_transport tensor|disk."""
+    routing_replay: RoutingReplayMode = "off"
+    """MoE routing replay (R3, docs/rollout.md): "off"; "record" (the servers return each token's
+    routed experts; the trainer's own routing is compared with them in mismatch/moe/*, per layer;
+    nothing forced); "replay" (every forward of the step, π_old and each update included, routes
+    every prompt and response token through the engine's experts; gate scores are gathered at
+    those experts, so the router keeps its gradient). Recommended "replay" for MoE policies,
+    "off" for dense ones; needs one server or rollout.router: client (sglang-router 0.3.2 drops
+    the routes)."""
     server: ServerConfig = Field(default_factory=ServerConfig)
     """Each SGLang server's launch settings."""
 
@@ -137,6 +147,9 @@ class RolloutConfig(Section):
         if self.router_url and self.router == "client":
             raise ValueError(f"rollout.router_url={self.router_url!r} with rollout.router='client':"
                              " an external router needs rollout.router: sglang-router")
+        check_routing_replay_front(self.routing_replay, num_servers=self.num_servers,
+                                   router=self.router, router_url=self.router_url,
+                                   router_url_from="rollout.router_url")
         return self
 
 
@@ -407,7 +420,7 @@ def actor_config(cfg: RunConfig, policy: str | Path) -> ActorConfig:
     rollout temperature and the seed."""
     return ActorConfig(hf_path=str(policy), model=cfg.model, parallel=cfg.parallel,
                        optim=cfg.optim, loss=cfg.loss, temperature=cfg.rollout.temperature,
-                       seed=cfg.train.seed)
+                       seed=cfg.train.seed, routing_replay=cfg.rollout.routing_replay)
 
 
 # ---------------------------------------------------------------------------- introspection

@@ -30,13 +30,15 @@ from drpo_megatron.mismatch.writers import MultiWriter, build_writers
 from drpo_megatron.models.megatron_model import init_distributed
 from drpo_megatron.models.tiny import ensure_tiny_checkpoint
 from drpo_megatron.operate.plan import colocated_mem_fraction
-from drpo_megatron.operate.rundir import (Progress, RolloutRecorder, check_writable, setup_run_dir,
-                                          unsafe_resume_changes)
+from drpo_megatron.operate.rundir import (Progress, RolloutRecorder, check_writable, flatten,
+                                          setup_run_dir, unsafe_resume_changes)
 from drpo_megatron.rewards.scorer import build_scorer
 from drpo_megatron.rollout import colocate
 from drpo_megatron.rollout.colocate import ColocatedTransport, Colocation
 from drpo_megatron.rollout.generator import RolloutGenerator
 from drpo_megatron.rollout.router import RolloutSetup, resolve_router_url, rollout_api_key
+from drpo_megatron.rollout.routes import SERVER_FLAG as ROUTES_FLAG
+from drpo_megatron.rollout.routes import check_routing_replay_front, route_spec
 from drpo_megatron.rollout.verify import DEFAULT_ATOL
 from drpo_megatron.schema import ConfigError
 from drpo_megatron.training.actor import MegatronActor
@@ -138,7 +140,8 @@ def preflight(cfg: RunConfig) -> None:
             old = read_trainer_state(ckpt).get("config")
             if old is None and (run_dir / "config.yaml").exists():  # checkpoints before the config
                 old = yaml.safe_load((run_dir / "config.yaml").read_text())  # was saved in them
-            changes = unsafe_resume_changes(old or {}, cfg.to_dict()) if old else []
+            changes = (unsafe_resume_changes(old, cfg.to_dict(), flatten(RunConfig().to_dict()))
+                       if old else [])
             if changes:
                 raise ConfigError(
                     f"resume from {ckpt}: this config changes what the run is:\n  "
@@ -154,6 +157,12 @@ def preflight(cfg: RunConfig) -> None:
             raise ConfigError(f"rollout.server.port={port}: cannot listen on {host}:{port} "
                               f"({e.strerror}); choose a free port, or 0 to pick one") from None
     url, source = resolve_router_url(cfg.rollout)
+    try:  # routing replay behind sglang-router (an external one may come from the environment)
+        check_routing_replay_front(cfg.rollout.routing_replay, num_servers=cfg.rollout.num_servers,
+                                   router=cfg.rollout.router, router_url=url,
+                                   router_url_from=source)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if url:
         try:
             requests.get(url.rstrip("/") + "/health", timeout=ROUTER_PROBE_TIMEOUT_S)
@@ -183,6 +192,12 @@ def build_run(cfg: RunConfig) -> Run:
     tokenizer = AutoTokenizer.from_pretrained(str(policy))
     train_set, eval_set = load_task(cfg.task, tokenizer)  # data/arithmetic.py or data/math.py
     top_k = rollout_top_k(cfg, len(tokenizer))
+    try:  # routing replay (R3): the routes' shape; the servers keep every token's experts
+        routes = route_spec(cfg.rollout.routing_replay, policy)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if routes is not None and ROUTES_FLAG not in cfg.rollout.server.extra_args:
+        cfg.rollout.server.extra_args.append(ROUTES_FLAG)
 
     if cfg.train.seeded_rollouts and torch.cuda.is_available() and \
             DETERMINISTIC_FLAG not in cfg.rollout.server.extra_args:
@@ -232,7 +247,8 @@ def build_run(cfg: RunConfig) -> Run:
                                    advantage=cfg.loss.advantage, seed=cfg.train.seed,
                                    seeded=cfg.train.seeded_rollouts, top_k=top_k,
                                    eval_problems=eval_set,
-                                   eval_k=cfg.train.eval_samples_per_prompt, tokenizer=tokenizer)
+                                   eval_k=cfg.train.eval_samples_per_prompt, tokenizer=tokenizer,
+                                   routes=routes)
     return Run(cfg=cfg, run_dir=run_dir, driver=driver,
                prompts=PromptStream(train_set, tokenizer, seed=cfg.train.seed), rollout=rollout,
                actor=actor, reference=reference, monitor=MismatchMonitor(cfg.loss.policy, writers), sync=sync,

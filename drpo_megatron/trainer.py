@@ -111,7 +111,8 @@ def train(cfg: RunConfig) -> dict[str, float]:
             #    π_old when the loss is anchored on the old policy), then the mini-batch updates
             t0 = time.time()
             logp = run.actor.compute_logprobs(samples)
-            metrics.update(run.monitor.measure(step, samples, logp))
+            metrics.update(run.monitor.measure(step, samples, logp,
+                                               routes=run.actor.recorded_routes()))  # R3
             ref_logp = run.reference.compute_logprobs(samples) if kl.in_loss else None
             metrics.update(run.actor.train_on(
                 samples, anchor_logp=logp if old_policy_anchor else None, ref_logp=ref_logp,

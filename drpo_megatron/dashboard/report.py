@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import math
+import re
 from typing import Optional, Sequence
 
 from ..mismatch.catalog import (ADV_LABELS, METRICS, MU_BIN_LABELS, POSITION_LABELS, Threshold,
@@ -201,6 +202,20 @@ def _bars(ctx: _Ctx, prefix: str, labels: Sequence[str], metric: str, title: str
                          baseline=1.0 if metric in _BAR_BASELINE_ONE else 0.0,
                          thresholds=[t for t in (spec.thresholds if spec else ())
                                      if t.kind != "ideal"])
+
+
+def _moe_layers(runs: list[Run]) -> list[int]:
+    """Layer indices of the per-layer routing keys (``mismatch/moe/layer_<i>/...``) any run has."""
+    found = set()
+    for r in runs:
+        for k in r.scalars:
+            m = _MOE_LAYER_KEY.match(k)
+            if m and r.has(k):
+                found.add(int(m.group(1)))
+    return sorted(found)
+
+
+_MOE_LAYER_KEY = re.compile(r"^mismatch/moe/layer_(\d+)/route_mismatch_frac$")
 
 
 def _section(title: str, intro: str, charts: Sequence[str], sid: str) -> str:
@@ -505,13 +520,17 @@ def build_report(runs: list[Run], *, title: str = "DRPO mismatch report", window
                                 title="mean |log π − log µ|: routing agrees vs differs",
                                 subtitle="a large gap means routing disagreement drives mismatch",
                                 categories=["routing agrees", "routing differs"], groups=groups)
+    layers = _moe_layers(runs)
     moe = _section(
         "MoE routing disagreement",
-        "Top-K expert sets chosen by the trainer's router vs the engine's (when the engine returns "
-        "routed experts). Router replay (R3) drives this to zero.",
+        "Top-K expert sets chosen by the trainer's router vs the engine's (rollout.routing_replay: "
+        "record or replay, which make the engine return its routed experts). Replay (R3) drives "
+        "this to zero.",
         [_line(ctx, "mismatch/moe/route_mismatch_frac", "(token, layer) pairs routed differently"),
          _line(ctx, "mismatch/moe/expert_overlap", "expert overlap |S_train ∩ S_rollout| / K"),
          _line(ctx, "mismatch/moe/token_mismatch_frac", "tokens with any routing difference"),
+         _bars(ctx, "moe", [f"layer_{i}" for i in layers], "route_mismatch_frac",
+               "routing disagreement by layer", {f"layer_{i}": str(i) for i in layers}),
          moe_bar], "moe")
 
     body = [

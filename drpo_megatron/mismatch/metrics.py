@@ -35,7 +35,7 @@ See :mod:`drpo_megatron.mismatch.catalog` for each metric's meaning and healthy 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -347,6 +347,7 @@ def compute_mismatch_metrics(
     routed_experts_train: Optional[torch.Tensor] = None,
     routed_experts_rollout: Optional[torch.Tensor] = None,
     dppo_tv_delta: float = DPPO_TV_DELTA_DEFAULT,
+    routed_layer_ids: Optional[Sequence[int]] = None,
 ) -> dict[str, float]:
     """All mismatch metrics of one step, as ``{"mismatch/<name>": float}``.
 
@@ -363,6 +364,8 @@ def compute_mismatch_metrics(
         routed_experts_train / routed_experts_rollout: [T, L, K] (or [T, K]) int expert ids
             chosen by the trainer's and the engine's routers (enables ``mismatch/moe/*``).
         dppo_tv_delta: reference DPPO-TV boundary for ``beyond_dppo_tv_frac`` (0.15).
+        routed_layer_ids: [L] the model layer index of each of the L routed layers (names the
+            per-layer keys ``moe/layer_<i>/*``; default 0 .. L-1).
 
     Returns (always present; NaN when no valid token):
         counts ``tokens``, ``masked_tokens``, ``nonfinite_rollout_tokens``,
@@ -376,7 +379,8 @@ def compute_mismatch_metrics(
         With ``advantages``: ``drpo_weight_{min,mean,max,std,neg_frac,below_one_frac}``
         (over tokens with A != 0), ``dppo_masked_frac``, ``adv_zero_frac`` and
         ``by_adv/{pos,neg}/``.
-        With routed experts: ``moe/*``.
+        With routed experts: ``moe/*`` (overall and ``moe/layer_<i>/route_mismatch_frac``,
+        ``moe/layer_<i>/expert_overlap`` per layer).
     See :mod:`drpo_megatron.mismatch.catalog` for formulas and healthy ranges.
     """
     if delta <= 0 or ratio_c <= 1.0 or dppo_tv_delta <= 0:
@@ -459,12 +463,13 @@ def compute_mismatch_metrics(
         raise ValueError("routed_experts_train and routed_experts_rollout must be given together")
     if routed_experts_train is not None:
         res.update(_routing_metrics(routed_experts_train, routed_experts_rollout, valid,
-                                    tok["absd"]))
+                                    tok["absd"], layer_ids=routed_layer_ids))
     return res
 
 
 def _routing_metrics(rt: torch.Tensor, rr: torch.Tensor, valid: torch.Tensor,
-                     absd: torch.Tensor) -> dict[str, float]:
+                     absd: torch.Tensor, layer_ids: Optional[Sequence[int]] = None
+                     ) -> dict[str, float]:
     """Routing disagreement between the trainer's and the engine's top-K expert sets.
 
     ``rt``/``rr``: [T, L, K] (or [T, K] = one layer) int expert ids; order within the K slots
@@ -475,6 +480,8 @@ def _routing_metrics(rt: torch.Tensor, rr: torch.Tensor, valid: torch.Tensor,
       layer_mismatch_frac_max / worst_layer = the layer with the highest mismatch fraction
       logprob_abs_diff_route_same / _route_diff = mean |d| over tokens whose routing fully
           agrees / differs in at least one layer (ties routing to log-prob mismatch).
+    Per layer l (``layer_ids[l]``, default l): ``layer_<id>/route_mismatch_frac`` and
+    ``layer_<id>/expert_overlap``; ``worst_layer`` is that id.
     """
     rt = torch.as_tensor(rt).detach()
     rr = torch.as_tensor(rr).detach().to(rt.device)
@@ -483,6 +490,9 @@ def _routing_metrics(rt: torch.Tensor, rr: torch.Tensor, valid: torch.Tensor,
     if rt.shape != rr.shape or rt.dim() != 3 or rt.shape[0] != valid.numel():
         raise ValueError(f"routed experts must both be [T, L, K] (or [T, K]) with T="
                          f"{valid.numel()}; got {tuple(rt.shape)} and {tuple(rr.shape)}")
+    ids = list(range(rt.shape[1])) if layer_ids is None else [int(i) for i in layer_ids]
+    if len(ids) != rt.shape[1]:
+        raise ValueError(f"routed_layer_ids has {len(ids)} entries for {rt.shape[1]} layers")
     v = valid.to(rt.device)
     a, b = rt[v].long(), rr[v].long()  # [N, L, K]
     p = "mismatch/moe/"
@@ -493,14 +503,18 @@ def _routing_metrics(rt: torch.Tensor, rr: torch.Tensor, valid: torch.Tensor,
     overlap = (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).sum(-1)  # [N, L]
     differs = overlap < K
     per_layer = differs.float().mean(0)  # [L]
+    overlap_layer = (overlap.float() / K).mean(0)  # [L]
     tok_diff = differs.any(-1)  # [N]
     res = {
         p + "route_mismatch_frac": float(differs.float().mean()),
         p + "expert_overlap": float((overlap.float() / K).mean()),
         p + "token_mismatch_frac": float(tok_diff.float().mean()),
         p + "layer_mismatch_frac_max": float(per_layer.max()),
-        p + "worst_layer": float(per_layer.argmax()),
+        p + "worst_layer": float(ids[int(per_layer.argmax())]),
     }
+    for j, layer in enumerate(ids):
+        res[f"{p}layer_{layer}/route_mismatch_frac"] = float(per_layer[j])
+        res[f"{p}layer_{layer}/expert_overlap"] = float(overlap_layer[j])
     absd = absd.to(a.device)
     same = ~tok_diff
     if bool(same.any()):

@@ -64,7 +64,13 @@ class RolloutRecorder:
                                      "text": s.text, "answer": s.answer, "reward": s.reward,
                                      "advantage": s.advantage, "finish_reason": s.finish_reason,
                                      "weight_version": s.weight_version, "in_loss": s.in_loss,
-                                     "meta": s.meta}) + "\n")
+                                     "meta": s.meta, **_routes_field(s)}) + "\n")
+
+
+def _routes_field(s: Sample) -> dict[str, Any]:
+    """``routed_experts`` ({shape [T, L, K], dtype, b64}) when the sample carries the engine's
+    routes (rollout.routing_replay record / replay)."""
+    return {} if s.routed_experts is None else {"routed_experts": s.routed_experts.to_json()}
 
 
 class Progress:
@@ -125,10 +131,15 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def unsafe_resume_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def unsafe_resume_changes(old: dict[str, Any], new: dict[str, Any],
+                          defaults: dict[str, Any] | None = None) -> list[str]:
     """The fields whose value differs between the checkpoint's config and this run's, outside
-    :data:`RESUME_SAFE_CHANGES`, as ``field: old -> new`` lines."""
+    :data:`RESUME_SAFE_CHANGES`, as ``field: old -> new`` lines.  A field the checkpoint's config
+    does not have (saved before the field existed) counts as its value in ``defaults`` (the
+    current defaults, flattened like the configs), so adding a field does not break resuming."""
     a, b = flatten(old), flatten(new)
+    for key, value in (defaults or {}).items():
+        a.setdefault(key, value)
     lines = []
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<absent>") == b.get(key, "<absent>"):

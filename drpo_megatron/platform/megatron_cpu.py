@@ -566,6 +566,42 @@ def fix_recompute_device_redirect() -> None:
     _when_imported("megatron.core.tensor_parallel.random", _patch_checkpoint_backward)
 
 
+def _without_own_dispatch(fn: Callable) -> Callable:
+    """A copy of ``fn`` whose own ``has_torch_function`` check answers no, so calling it from a
+    mode's handler does not dispatch to the mode again (everything it calls still does)."""
+    g = dict(fn.__globals__, has_torch_function=lambda args: False)
+    clone = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
+    clone.__kwdefaults__ = fn.__kwdefaults__
+    return clone
+
+
+_AUTOGRAD_BACKWARD = _without_own_dispatch(torch.autograd.backward)
+
+
+def _backward_in_device_mode(func, args, kwargs):
+    # the mode is off while it handles this call: enter it again for the whole backward pass
+    with _DEVICE_MODE:
+        return _AUTOGRAD_BACKWARD(*args, **kwargs)
+
+
+@_fix
+def fix_device_redirect_in_nested_backward() -> None:
+    """Activation recompute runs a backward inside a backward, outside the device redirect.
+
+    ``megatron/core/tensor_parallel/random.py`` ``CheckpointFunction.backward`` (``parallel.
+    recompute: full``) reruns the layer and calls ``torch.autograd.backward`` on it; that call
+    goes through the process-wide ``TorchFunctionMode`` of ``cuda_device_redirect``, which is
+    switched off while it handles a call, so every allocation on the recomputed graph's
+    backward path sees the real ``torch.empty(..., device=torch.cuda.current_device())``, e.g.
+    the sequence-parallel reduce-scatter (``tensor_parallel/mappings.py``
+    ``_reduce_scatter_along_first_dim`` under TP > 1): ``RuntimeError: Cannot access
+    accelerator device when none is available``.  Fix: ``torch.autograd.backward`` runs with
+    the mode entered again (a copy of it that skips its own dispatch to the mode).
+    """
+    _SPECIAL_FUNCS[torch.autograd.backward] = _backward_in_device_mode
+    _ensure_device_mode()
+
+
 @_fix
 def fix_cuda_tensor_type_checks() -> None:
     """Optimizers compare ``param.type()`` with ``'torch.cuda.FloatTensor'``.

@@ -15,6 +15,12 @@ Fixes (each pinned by a test in ``tests/platform/test_sglang_cpu.py`` showing it
    seeded Gumbel sampler (``multinomial_with_seed``) runs; requests without a seed get one drawn
    from the server's RNG (same distribution as before).  min-p sampling is not supported with
    seeds by SGLang (it asserts); drpo never sends min_p.
+4. ``unpinned_cpu_host_buffers``: ``--enable-return-routed-experts`` (routing replay, R3) keeps
+   every token's routed experts in a host buffer allocated through
+   ``pool_host.common.ALLOC_MEMORY_FUNCS[device]``; for ``device="cpu"`` that is
+   ``alloc_with_host_register``, which pins it with ``cudaHostRegister`` and fails without CUDA
+   ("Torch not compiled with CUDA enabled"): the server dies at start-up.  The fix allocates
+   plain (unpinned) host memory for the cpu device, which is all a CPU server needs.
 
 Server flags that keep SGLang on pure-torch paths are in :data:`CPU_SERVER_ARGS`, its environment
 in :data:`CPU_SERVER_ENV`.
@@ -56,6 +62,7 @@ CPU_SERVER_ENV: dict[str, str] = {
 }
 
 SAMPLING_BATCH_INFO_MODULE = "sglang.srt.sampling.sampling_batch_info"
+HOST_POOL_MODULE = "sglang.srt.mem_cache.pool_host.common"
 
 
 def honour_sampling_seeds(module) -> None:
@@ -81,6 +88,24 @@ def honour_sampling_seeds(module) -> None:
 
     from_schedule_batch._drpo_seeded = True
     cls.from_schedule_batch = classmethod(from_schedule_batch)
+
+
+def unpinned_cpu_host_buffers(module) -> None:
+    """Patch ``ALLOC_MEMORY_FUNCS`` (in ``module``, SGLang's pool_host.common) so host buffers of
+    the cpu device are allocated without CUDA pinning (fix 4 of the module doc)."""
+    funcs = module.ALLOC_MEMORY_FUNCS
+    if getattr(funcs.get("cpu"), "_drpo_unpinned", False):
+        return
+
+    def alloc_unpinned(dims, dtype, device, pin_memory, allocator,
+                       registration_granularity_bytes=None):
+        del pin_memory, registration_granularity_bytes  # nothing to pin without CUDA
+        if allocator is None:
+            return torch.empty(dims, dtype=dtype, device=device)
+        return allocator.allocate(dims, dtype=dtype, device=device)
+
+    alloc_unpinned._drpo_unpinned = True
+    funcs["cpu"] = alloc_unpinned
 
 
 def after_import(module_name: str, hook) -> None:

@@ -10,6 +10,10 @@ top-K) request ``top_logprobs_num = K``; SGLang 0.5.23 then returns
 ``meta_info.output_top_logprobs`` = per generated position a list of K ``[logprob, token_id,
 text|None]`` sorted by log-prob (same tempered distribution as ``output_token_logprobs``; checked
 on a real server).  K must not exceed the vocabulary: SGLang's scheduler dies on it.
+
+With routing replay (``rollout.routing_replay`` record / replay) the requests also ask for
+``return_routed_experts`` and each sample carries the engine's experts of every forwarded token
+(``Sample.routed_experts``, decoded by :mod:`drpo_megatron.rollout.routes`).
 """
 
 from __future__ import annotations
@@ -18,15 +22,18 @@ import hashlib
 import math
 from typing import Any, Sequence
 
+from drpo_megatron.rollout.routes import RouteSpec, decode_routed_experts
 from drpo_megatron.rollout.server import SGLangServer, ServerError
 from drpo_megatron.samples import Sample
 
 
 def parse_sample(out: Any, *, group_id: int, prompt_ids: list[int], answer: str,
-                 server_name: str, top_k: int = 0) -> Sample:
+                 server_name: str, top_k: int = 0, routes: RouteSpec | None = None) -> Sample:
     """Validate one ``/generate`` output and turn it into a :class:`Sample`.
 
     ``top_k`` > 0: also parse ``meta_info.output_top_logprobs`` (K entries per response token).
+    ``routes``: also decode ``meta_info.routed_experts`` (routing replay; not for an aborted
+    output, which is re-issued anyway).
 
     Raises :class:`ServerError` naming what is missing or inconsistent (a truncated or malformed
     response must never reach the loss silently).
@@ -55,17 +62,23 @@ def parse_sample(out: Any, *, group_id: int, prompt_ids: list[int], answer: str,
         topk_ids, topk_logp = _parse_top_logprobs(meta.get("output_top_logprobs"), len(ids), top_k,
                                                   where)
     finish = meta.get("finish_reason") or {}
+    finish_type = str(finish.get("type", "unknown")) if isinstance(finish, dict) else str(finish)
+    routed = None
+    if routes is not None and finish_type != "abort":
+        routed = decode_routed_experts(meta, num_tokens=len(prompt_ids) + len(ids) - 1,
+                                       spec=routes, where=where)
     return Sample(
         group_id=group_id,
         prompt_ids=list(prompt_ids),
         response_ids=[int(t) for t in ids],
         rollout_logp=logp,
         text=str(out.get("text", "")),
-        finish_reason=str(finish.get("type", "unknown")) if isinstance(finish, dict) else str(finish),
+        finish_reason=finish_type,
         weight_version=str(meta.get("weight_version", "")),
         answer=answer,
         topk_ids=topk_ids,
         topk_logp=topk_logp,
+        routed_experts=routed,
     )
 
 
@@ -100,16 +113,17 @@ def _parse_top_logprobs(top: Any, n_tokens: int, k: int, where: str):
 def generate_groups(server: SGLangServer, prompts: Sequence[list[int]], answers: Sequence[str], *,
                     n: int, temperature: float, top_p: float, max_new_tokens: int,
                     seed: int | None = None, first_group_id: int = 0,
-                    top_k: int = 0) -> list[Sample]:
+                    top_k: int = 0, routes: RouteSpec | None = None) -> list[Sample]:
     """Generate ``n`` samples for each prompt; returns ``len(prompts) * n`` samples, group-major.
 
-    ``top_k`` > 0 also requests and validates µ's top-K log-probs per response token."""
+    ``top_k`` > 0 also requests and validates µ's top-K log-probs per response token;
+    ``routes`` the engine's routed experts (routing replay)."""
     params: dict[str, Any] = {"n": n, "temperature": temperature, "top_p": top_p,
                               "max_new_tokens": max_new_tokens}
     if seed is not None:
         params["sampling_seed"] = seed
     outs = server.generate([list(p) for p in prompts], params, return_logprob=True,
-                           top_logprobs_num=top_k)
+                           top_logprobs_num=top_k, **_routes_kw(routes))
     expected = len(prompts) * n
     if len(outs) != expected:
         raise ServerError(f"{server.name}: /generate returned {len(outs)} outputs for "
@@ -118,8 +132,15 @@ def generate_groups(server: SGLangServer, prompts: Sequence[list[int]], answers:
     for i, out in enumerate(outs):
         g = i // n
         samples.append(parse_sample(out, group_id=first_group_id + g, prompt_ids=prompts[g],
-                                    answer=answers[g], server_name=server.name, top_k=top_k))
+                                    answer=answers[g], server_name=server.name, top_k=top_k,
+                                    routes=routes))
     return samples
+
+
+def _routes_kw(routes: RouteSpec | None) -> dict[str, Any]:
+    """The front's ``return_routed_experts`` keyword, only when asked (fronts without routing
+    replay keep their plain signature)."""
+    return {} if routes is None else {"return_routed_experts": True}
 
 
 def rollout_metrics(samples: Sequence[Sample], current_version: str | None = None) -> dict[str, float]:
@@ -166,12 +187,12 @@ def sampling_seed(seed: int, step: int, group: int, sample: int) -> int:
 
 def seeded_generate_groups(server, prompts, answers, *, n: int, temperature: float, top_p: float,
                            max_new_tokens: int, seed: int, step: int, first_group: int = 0,
-                           top_k: int = 0) -> list[Sample]:
+                           top_k: int = 0, routes: RouteSpec | None = None) -> list[Sample]:
     """Like ``generate_groups`` (group-major, ``len(prompts) * n`` samples) with one request
     per sample, each with its own ``sampling_seed``: SGLang seeds a request's sampling by
     (seed, position), so the n samples of a prompt must not share one seed (they would be
     identical).  ``first_group``: step-local index of ``prompts[0]`` (its group id and seed
-    index); ``top_k`` > 0 also requests µ's top-K log-probs."""
+    index); ``top_k`` > 0 also requests µ's top-K log-probs, ``routes`` the routed experts."""
     ids, params = [], []
     for g, p in enumerate(prompts):
         for k in range(n):
@@ -179,10 +200,12 @@ def seeded_generate_groups(server, prompts, answers, *, n: int, temperature: flo
             params.append({"n": 1, "temperature": temperature, "top_p": top_p,
                            "max_new_tokens": max_new_tokens,
                            "sampling_seed": sampling_seed(seed, step, first_group + g, k)})
-    outs = server.generate(ids, params, return_logprob=True, top_logprobs_num=top_k)
+    outs = server.generate(ids, params, return_logprob=True, top_logprobs_num=top_k,
+                           **_routes_kw(routes))
     if len(outs) != len(ids):
         raise ServerError(f"{server.name}: /generate returned {len(outs)} outputs for "
                           f"{len(ids)} seeded requests")
     return [parse_sample(out, group_id=first_group + i // n, prompt_ids=prompts[i // n],
-                         answer=answers[i // n], server_name=server.name, top_k=top_k)
+                         answer=answers[i // n], server_name=server.name, top_k=top_k,
+                         routes=routes)
             for i, out in enumerate(outs)]

@@ -113,7 +113,8 @@ class Fleet:
         return [smp for r in results for smp in r]
 
     def generate(self, input_ids: list[list[int]], sampling_params: dict[str, Any] | list,
-                 *, return_logprob: bool = True, top_logprobs_num: int = 0) -> list[dict]:
+                 *, return_logprob: bool = True, top_logprobs_num: int = 0,
+                 return_routed_experts: bool = False) -> list[dict]:
         """:meth:`SGLangServer.generate` over the fleet (so a ``Fleet`` can stand in for a server):
         one request per prompt (its ``n`` samples stay on one server), outputs prompt-major.
         A request aborted by ``/pause_generation`` (a weight update) is re-issued whole, so no
@@ -125,7 +126,8 @@ class Fleet:
 
             def run(s: SGLangServer):
                 outs = s.generate([input_ids[i]], params, return_logprob=return_logprob,
-                                  top_logprobs_num=top_logprobs_num)
+                                  top_logprobs_num=top_logprobs_num,
+                                  return_routed_experts=return_routed_experts)
                 if len(outs) != want:
                     raise ServerError(f"{s.name}: /generate returned {len(outs)} outputs for one "
                                       f"prompt with n={want}")
@@ -271,7 +273,8 @@ class SingleServerFront(Fleet):
     ``max_attempts``), as a :class:`Fleet` does for each of its servers."""
 
     def generate(self, input_ids: list[list[int]], sampling_params: dict[str, Any] | list,
-                 *, return_logprob: bool = True, top_logprobs_num: int = 0) -> list[dict]:
+                 *, return_logprob: bool = True, top_logprobs_num: int = 0,
+                 return_routed_experts: bool = False) -> list[dict]:
         s = self.servers[0]
         self.watchdog()
         aborts = 0
@@ -280,7 +283,8 @@ class SingleServerFront(Fleet):
             attempt += 1
             try:
                 outs = s.generate(input_ids, sampling_params, return_logprob=return_logprob,
-                                  top_logprobs_num=top_logprobs_num)
+                                  top_logprobs_num=top_logprobs_num,
+                                  return_routed_experts=return_routed_experts)
             except ServerError as e:
                 first = str(e).splitlines()[0]
                 if attempt >= self.max_attempts or self.is_healthy(s):

@@ -17,6 +17,7 @@ import torch
 from drpo_megatron.algorithms import compute_advantages
 from drpo_megatron.data.math import encode_prompt
 from drpo_megatron.rollout.engine import generate_groups, seeded_generate_groups
+from drpo_megatron.rollout.routes import RouteSpec
 from drpo_megatron.rollout.sampling import generate_scored_groups
 from drpo_megatron.rewards.scorer import RewardScorer, attach_task
 from drpo_megatron.samples import Sample
@@ -43,10 +44,13 @@ class RolloutGenerator:
     rewards/scorer.py); ``advantage``: the estimator name (``loss.advantage``); ``seed`` / ``seeded``:
     ``train.seed`` / ``train.seeded_rollouts``; ``top_k``: µ's top-K log-probs to request (0 =
     none; DPPO top-K losses need them); ``eval_problems`` / ``eval_k``: the held-out set and k of
-    avg@k; ``tokenizer``: encodes the eval prompts."""
+    avg@k; ``tokenizer``: encodes the eval prompts; ``routes``: the policy's route shape when
+    the training samples must carry the engine's routed experts (``rollout.routing_replay``
+    record / replay; evaluation never asks for them)."""
 
     def __init__(self, cfg: Any, front: Any, reward: RewardScorer, *, advantage: str, seed: int,
-                 seeded: bool, top_k: int, eval_problems: Sequence[Any], eval_k: int, tokenizer):
+                 seeded: bool, top_k: int, eval_problems: Sequence[Any], eval_k: int, tokenizer,
+                 routes: RouteSpec | None = None):
         self.cfg = cfg
         self.front = front
         self.reward = reward
@@ -54,6 +58,7 @@ class RolloutGenerator:
         self.seed = seed
         self.seeded = seeded
         self.top_k = top_k
+        self.routes = routes
         self.eval_problems = list(eval_problems)
         self.eval_k = eval_k
         self._eval_prompts = [encode_prompt(tokenizer, p.prompt_text) for p in self.eval_problems]
@@ -72,12 +77,13 @@ class RolloutGenerator:
             samples = seeded_generate_groups(self.front, prompts, answers, n=r.samples_per_prompt,
                                              temperature=r.temperature, top_p=r.top_p,
                                              max_new_tokens=r.max_new_tokens, seed=self.seed,
-                                             step=step, first_group=first_group, top_k=self.top_k)
+                                             step=step, first_group=first_group, top_k=self.top_k,
+                                             routes=self.routes)
         else:
             samples = generate_groups(self.front, prompts, answers, n=r.samples_per_prompt,
                                       temperature=r.temperature, top_p=r.top_p,
                                       max_new_tokens=r.max_new_tokens, first_group_id=first_group,
-                                      top_k=self.top_k)
+                                      top_k=self.top_k, routes=self.routes)
         attach_task(samples, problems, r.samples_per_prompt)
         return samples
 

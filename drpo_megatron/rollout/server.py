@@ -293,11 +293,14 @@ class SGLangServer(ManagedProcess):
         return self.json_body(r, what, path)
 
     def generate(self, input_ids: list[list[int]], sampling_params: dict[str, Any], *,
-                 return_logprob: bool = True, top_logprobs_num: int = 0) -> list[dict[str, Any]]:
+                 return_logprob: bool = True, top_logprobs_num: int = 0,
+                 return_routed_experts: bool = False) -> list[dict[str, Any]]:
         """One ``/generate`` call for a batch of prompts; returns SGLang's per-sample outputs.
 
         With ``sampling_params["n"] = k`` SGLang returns ``len(input_ids) * k`` outputs ordered
-        prompt-major (the k samples of prompt 0 first).
+        prompt-major (the k samples of prompt 0 first).  ``return_routed_experts``: each output's
+        ``meta_info.routed_experts`` (routing replay; the server needs
+        --enable-return-routed-experts, see rollout/routes.py).
         """
         payload: dict[str, Any] = {"input_ids": input_ids, "sampling_params": sampling_params,
                                    "return_logprob": return_logprob}
@@ -305,6 +308,8 @@ class SGLangServer(ManagedProcess):
             payload["logprob_start_len"] = -1  # only the generated tokens' log-probs
         if top_logprobs_num:
             payload["top_logprobs_num"] = top_logprobs_num
+        if return_routed_experts:
+            payload["return_routed_experts"] = True
         out = self._post("/generate", payload, self.cfg.request_timeout_s, "generate")
         return out if isinstance(out, list) else [out]
 

@@ -23,6 +23,7 @@ multiplies by both factors so the gradient equals that of the global step loss.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -42,6 +43,7 @@ from drpo_megatron.training import checkpoint as ckpt
 from drpo_megatron.training.batch import MicroBatch, pack_samples
 from drpo_megatron.training.config import ActorConfig
 from drpo_megatron.training.logprobs import vocab_parallel_logprobs
+from drpo_megatron.training.routing_replay import RouterControl
 from drpo_megatron.weights.hf_export import precision_transform
 
 log = logging.getLogger(__name__)
@@ -51,10 +53,17 @@ SUMMED_OVER_UPDATES = ("loss/nonfinite_skipped",)
 
 
 
+
 def _tp_group():
     from megatron.core import parallel_state
 
     return parallel_state.get_tensor_model_parallel_group()
+
+
+def _pp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_pipeline_model_parallel_group()
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -83,6 +92,8 @@ class MegatronActor:
         t0 = time.time()
         overrides = ({} if cfg.model.moe_aux_loss_coeff is None else
                      {"moe_aux_loss_coeff": cfg.model.moe_aux_loss_coeff})
+        if cfg.routing_replay == "replay":  # a RouterReplay per TopKRouter (routing_replay.py)
+            overrides["moe_enable_routing_replay"] = True
         self.bridge, self.provider, self.model = mm.load_policy_from_hf(
             cfg.hf_path, dtype=cfg.model.dtype, tp=par.tp, pp=par.pp, ep=par.ep, etp=par.etp,
             seq_parallel=par.sequence_parallel, wrap_ddp=True,
@@ -96,6 +107,10 @@ class MegatronActor:
         # DPPO top-K: the loss needs µ's top-K log-probs and π's at the same ids (LOSS_EXTRAS)
         self._needs_topk = "topk_logp" in LOSS_EXTRAS.get(cfg.loss.name, ())
         self._topk: dict[int, torch.Tensor] = {}
+        # routing replay (R3): None when rollout.routing_replay is off (no hooks at all)
+        self.routing = None if cfg.routing_replay == "off" else RouterControl(
+            self.model, cfg.routing_replay, tp_group=_tp_group(), pp_group=_pp_group(),
+            sequence_parallel=bool(self.provider.sequence_parallel))
         log.info("actor ready: %s, %.2fM params, %.1fs", cfg.loss.name,
                  sum(p.numel() for m in self.model for p in m.parameters()) / 1e6, time.time() - t0)
 
@@ -110,14 +125,20 @@ class MegatronActor:
         """[B, S] fp32 log-probs of the targets at ``temperature``, 0 outside ``mb.loss_mask``
         (last PP stage; other stages return their hidden states for the next one)."""
         mask = mm.causal_attention_mask(mb.tokens.shape[1])
+        if self.routing is not None:  # replay: this micro-batch's targets; record: capture
+            self.routing.before_forward(mb)
         if self.cfg.logprob_impl == "logits":
             logits = model(mb.tokens, mb.position_ids, mask)  # [B, S, V/tp]
-            return token_logprobs(logits, mb.targets, temperature)
+            out = token_logprobs(logits, mb.targets, temperature)
+        else:
+            def processor(*, hidden_states, output_layer, output_weight, **_):
+                return self._response_logp(hidden_states, output_layer, output_weight, mb,
+                                           temperature)
 
-        def processor(*, hidden_states, output_layer, output_weight, **_):
-            return self._response_logp(hidden_states, output_layer, output_weight, mb, temperature)
-
-        return model(mb.tokens, mb.position_ids, mask, output_processor=processor)
+            out = model(mb.tokens, mb.position_ids, mask, output_processor=processor)
+        if self.routing is not None:
+            self.routing.after_forward(mb, out)
+        return out
 
     def _response_logp(self, hidden, output_layer, output_weight, mb: MicroBatch,
                        temperature: float) -> torch.Tensor:
@@ -146,15 +167,38 @@ class MegatronActor:
         out = torch.zeros(sel.shape, dtype=torch.float32, device=logp.device)
         return out.masked_scatter(sel, logp)
 
-    def _micro_batches(self, samples: Sequence[Sample], first_seq_id: int = 0):
-        width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+    def _micro_batches(self, samples: Sequence[Sample], first_seq_id: int = 0,
+                       with_routes: bool = False):
+        width = self._padded_width(max(len(s.prompt_ids) + len(s.response_ids) for s in samples))
         mbs = []
         mbsz = self.cfg.parallel.micro_batch_size
         for i in range(0, len(samples), mbsz):
             chunk = samples[i: i + mbsz]
             mbs.append(pack_samples(chunk, pad_id=self.pad_id, seq_len=width,
-                                    first_seq_id=first_seq_id + i))
+                                    first_seq_id=first_seq_id + i, with_routes=with_routes))
         return mbs, width
+
+    def _padded_width(self, width: int) -> int:
+        """``width`` rounded up to a multiple of the TP size under sequence parallelism (Megatron
+        splits the sequence over the TP ranks and asserts it divides; the extra positions are
+        padding, outside the loss)."""
+        tp = self.cfg.parallel.tp
+        if tp > 1 and self.provider.sequence_parallel:
+            return -(-width // tp) * tp
+        return width
+
+    def _routing_step(self, samples: Sequence[Sample], *, capture: bool = False):
+        """Routing replay around one collective pass (yields whether the micro-batches must
+        carry the engine's routes: replay); a no-op context without it."""
+        if self.routing is None:
+            return contextlib.nullcontext(False)
+        return self.routing.step(samples, capture=capture)
+
+    def recorded_routes(self):
+        """The trainer's routing of the last mismatch forward (``compute_logprobs`` on samples
+        with the engine's routes) as :class:`~drpo_megatron.training.routing_replay.
+        TrainerRoutes`; None without routing replay."""
+        return None if self.routing is None else self.routing.last
 
     def _run(self, forward_step, mbs: list[MicroBatch], width: int, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -175,7 +219,6 @@ class MegatronActor:
         temperature = self.cfg.temperature if temperature is None else temperature
         for m in self.model:
             m.eval()
-        mbs, width = self._micro_batches(samples)
         results: list[torch.Tensor] = []
 
         def forward_step(data_iterator, model):
@@ -189,7 +232,9 @@ class MegatronActor:
 
             return logp, collect
 
-        self._run(forward_step, mbs, width, forward_only=True)
+        with self._routing_step(samples, capture=True) as routed:
+            mbs, width = self._micro_batches(samples, with_routes=routed)
+            self._run(forward_step, mbs, width, forward_only=True)
         self._entropy.clear()
         for m in self.model:
             m.train()
@@ -269,12 +314,16 @@ class MegatronActor:
                              "ranks (prompts per mini-batch x samples per prompt must be a "
                              "multiple of the DP size)")
         per_rank = len(samples) // dp
-        width = _all_reduce_max(max(len(s.prompt_ids) + len(s.response_ids) for s in samples), dp)
+        width = self._padded_width(
+            _all_reduce_max(max(len(s.prompt_ids) + len(s.response_ids) for s in samples), dp))
         first = dp_rank * per_rank
         local = samples[first: first + per_rank]
         mbsz = self.cfg.parallel.micro_batch_size
+        routed = (self.routing is not None and self.routing.mode == "replay"
+                  and self.routing.samples_carry_routes(samples))
         mbs = [pack_samples(local[i: i + mbsz], pad_id=self.pad_id, seq_len=width,
-                            first_seq_id=first + i, with_topk=self._needs_topk)
+                            first_seq_id=first + i, with_topk=self._needs_topk,
+                            with_routes=routed)
                for i in range(0, len(local), mbsz)]
         num_mb = len(mbs)
         # per-token tensors of loss.kl / loss.correction, packed like the micro-batch's µ
@@ -322,7 +371,8 @@ class MegatronActor:
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        reports = self._run(forward_step, mbs, width, forward_only=False)
+        with self._routing_step(samples):
+            reports = self._run(forward_step, mbs, width, forward_only=False)
         self._entropy.clear()
         self._topk.clear()
         out = _merge_reports(reports)

@@ -19,6 +19,10 @@ Layout (documented choice: right padding, one sequence per row, no packing):
 - ``seq_in_loss``   [B] bool: the row's sample is in the loss (sequence denominators).
 - ``topk_ids`` / ``topk_logp`` [B, S, K] int64 / fp32: µ's top-K ids and log-probs of each
   response token (DPPO top-K) where ``loss_mask``, 0 elsewhere; only with ``with_topk``.
+- ``routes`` [B, S, L, K] int16: the engine's routed experts of each position (routing replay,
+  ``Sample.routed_experts``: rows 0 .. P + R - 2), the filler ``0..K-1`` elsewhere (the last
+  token, which the engine never ran, and padding); ``routes_valid`` [B, S] bool marks the rows
+  that are the engine's.  Only with ``with_routes``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from drpo_megatron.samples import Sample
@@ -44,6 +49,8 @@ class MicroBatch:
     seq_in_loss: torch.Tensor | None = None
     topk_ids: torch.Tensor | None = None
     topk_logp: torch.Tensor | None = None
+    routes: torch.Tensor | None = None
+    routes_valid: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.train_mask is None:
@@ -63,10 +70,12 @@ class MicroBatch:
 
 
 def pack_samples(samples: Sequence[Sample], *, pad_id: int, seq_len: int | None = None,
-                 first_seq_id: int = 0, with_topk: bool = False) -> MicroBatch:
+                 first_seq_id: int = 0, with_topk: bool = False,
+                 with_routes: bool = False) -> MicroBatch:
     """Pack ``samples`` into one micro-batch of width ``seq_len`` (default: the longest sample).
 
-    ``with_topk``: also pack µ's top-K ids / log-probs (every sample must carry them)."""
+    ``with_topk``: also pack µ's top-K ids / log-probs (every sample must carry them);
+    ``with_routes``: the engine's routed experts (every sample must carry them)."""
     lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
     width = seq_len if seq_len is not None else max(lengths)
     if max(lengths) > width:
@@ -88,6 +97,9 @@ def pack_samples(samples: Sequence[Sample], *, pad_id: int, seq_len: int | None 
         k = len(next((row for s in samples for row in s.topk_ids), []))
         topk_ids = torch.zeros((b, width, k), dtype=torch.long)
         topk_logp = torch.zeros((b, width, k), dtype=torch.float32)
+    routes = routes_valid = None
+    if with_routes:
+        routes, routes_valid = _pack_routes(samples, width)
     for i, s in enumerate(samples):
         seq = s.prompt_ids + s.response_ids
         p, r = len(s.prompt_ids), len(s.response_ids)
@@ -111,4 +123,26 @@ def pack_samples(samples: Sequence[Sample], *, pad_id: int, seq_len: int | None 
     train_mask = loss_mask & seq_in_loss.unsqueeze(1)
     return MicroBatch(tokens, position_ids, targets, loss_mask, rollout_logp, advantages, seq_ids,
                       train_mask=train_mask, seq_in_loss=seq_in_loss, topk_ids=topk_ids,
-                      topk_logp=topk_logp)
+                      topk_logp=topk_logp, routes=routes, routes_valid=routes_valid)
+
+
+def _pack_routes(samples: Sequence[Sample], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, S, L, K] int16 routes (the filler 0..K-1 where the engine has none) and [B, S] bool."""
+    if any(s.routed_experts is None for s in samples):
+        raise ValueError("pack_samples: routing replay needs the engine's routed experts but a "
+                         "sample carries none (rollout.routing_replay requests them)")
+    shapes = {s.routed_experts.shape[1:] for s in samples}
+    if len(shapes) != 1:
+        raise ValueError(f"pack_samples: samples carry routes of different [layers, top_k]: "
+                         f"{sorted(shapes)}")
+    (n_layers, k), = shapes
+    routes = torch.arange(k, dtype=torch.int16).expand(len(samples), width, n_layers, k).clone()
+    valid = torch.zeros((len(samples), width), dtype=torch.bool)
+    for i, s in enumerate(samples):
+        t = len(s.prompt_ids) + len(s.response_ids) - 1
+        if s.routed_experts.num_tokens != t:
+            raise ValueError(f"pack_samples: sample {i} has routes of {s.routed_experts.num_tokens} "
+                             f"tokens, expected prompt + response - 1 = {t}")
+        routes[i, :t] = torch.from_numpy(s.routed_experts.array().astype(np.int16))
+        valid[i, :t] = True
+    return routes, valid

@@ -10,6 +10,7 @@ from pydantic import Field
 from drpo_megatron.algorithms.config import LossSection
 from drpo_megatron.models.config import ModelConfig, ParallelConfig
 from drpo_megatron.schema import Section
+from drpo_megatron.training.routing_replay import RoutingReplayMode
 
 #: How the actor computes log-probs: "chunked" (final hidden states -> chunked vocab-parallel
 #: log-probs, training/logprobs.py; never materialises [tokens, vocab]) or "logits" (the model's
@@ -60,3 +61,6 @@ class ActorConfig(Section):
     """Tokens per chunk of the vocab-parallel log-prob pass."""
     logprob_impl: LogprobImpl = "chunked"
     """"chunked" (the production path) or "logits" (full logits, a reference for tests)."""
+    routing_replay: RoutingReplayMode = "off"
+    """The run config's rollout.routing_replay: off | record (capture the trainer's routing in
+    the mismatch forward) | replay (force the engine's experts; training/routing_replay.py)."""

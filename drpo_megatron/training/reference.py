@@ -47,6 +47,7 @@ class ReferencePolicy(MegatronActor):
             m.eval()
             m.requires_grad_(False)
         self.optimizer = None
+        self.routing = None  # the reference routes natively (no routing replay)
         self._entropy: dict[int, torch.Tensor] = {}
         self._needs_topk = False
         self._topk: dict[int, torch.Tensor] = {}

@@ -135,7 +135,10 @@ def test_moe_section_and_empty_run(tmp_path):
     run.mkdir()
     rows = [{"step": s, "mismatch/moe/route_mismatch_frac": 0.1 / (s + 1),
              "mismatch/moe/logprob_abs_diff_route_same": 0.01,
-             "mismatch/moe/logprob_abs_diff_route_diff": 0.05} for s in range(4)]
+             "mismatch/moe/logprob_abs_diff_route_diff": 0.05,
+             # per layer (rollout.routing_replay record / replay); layer 10 sorts after 2
+             "mismatch/moe/layer_2/route_mismatch_frac": 0.2,
+             "mismatch/moe/layer_10/route_mismatch_frac": 0.1 * s} for s in range(4)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     empty = tmp_path / "starting"
     empty.mkdir()
@@ -144,6 +147,10 @@ def test_moe_section_and_empty_run(tmp_path):
     assert '<section id="moe"' in html
     assert line_series(root, "mismatch/moe/route_mismatch_frac")["moe"]["points"][3] == [3, 0.025]
     assert bars(root, "mismatch/moe/logprob_abs_diff_route_*")[("moe", "routing differs")] == 0.05
+    by_layer = bars(root, "mismatch/moe/*/route_mismatch_frac")
+    assert list(by_layer) == [("moe", "2"), ("moe", "10")]
+    assert by_layer[("moe", "2")] == pytest.approx(0.2)
+    assert by_layer[("moe", "10")] == pytest.approx(0.15)  # mean over the 4 steps
     assert "no metrics.jsonl yet" in html
 
 

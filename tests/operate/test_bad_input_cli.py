@@ -256,6 +256,19 @@ def test_resume_may_change_steps_and_logging(tmp_path):
                                                 "parallel.tp=2", "parallel.gpus_per_node=2")) == []
 
 
+def test_resume_from_a_checkpoint_older_than_a_new_config_field(tmp_path):
+    from drpo_megatron.config import RunConfig
+    from drpo_megatron.operate.rundir import flatten, unsafe_resume_changes
+
+    run = tmp_path / "run"
+    old = _resolved(run)
+    del old["rollout"]["routing_replay"]  # saved before the field existed
+    defaults = flatten(RunConfig().to_dict())
+    assert unsafe_resume_changes(old, _resolved(run), defaults) == []
+    assert unsafe_resume_changes(old, _resolved(run, "rollout.routing_replay=record"), defaults) == [
+        "rollout.routing_replay: 'off' -> 'record'"]
+
+
 def test_truncated_checkpoint_on_resume(tmp_path):
     run = tmp_path / "run"
     ck = run / "checkpoint"

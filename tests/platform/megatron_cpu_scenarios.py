@@ -60,6 +60,9 @@ EXPECTED_ERRORS = {
     "distrib_optimizer_shared_step_after_load": (
         "distopt_checkpoint_roundtrip", "all params share one Adam step tensor after load",
         "megatron_cpu_scenarios.py"),
+    "device_redirect_in_nested_backward": (
+        "recompute_backward_alloc", "Cannot access accelerator device when none is available",
+        "megatron/core/tensor_parallel/random.py"),
     "torch_norm_sequence_parallel": (
         "sequence_parallel_norm", "sequence parallel not supported by torch LayerNorm",
         "megatron/core/transformer/torch_norm.py"),
@@ -233,10 +236,38 @@ def sequence_parallel_norm():
     WrappedTorchNorm(cfg, 32)
 
 
+def recompute_backward_alloc():
+    """Megatron's activation checkpoint (parallel.recompute: full) under the schedules' backward:
+    the recomputed graph's backward allocates on ``torch.cuda.current_device()``, as the
+    sequence-parallel reduce-scatter does (tensor_parallel/mappings.py)."""
+    import torch
+    from megatron.core import tensor_parallel
+    from megatron.core.pipeline_parallel.schedules import custom_backward, deallocate_output_tensor
+
+    _init_dist()
+
+    class AllocInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            buf = torch.empty(g.shape, dtype=g.dtype, device=torch.cuda.current_device())
+            return buf.copy_(g) * 2
+
+    x = torch.ones(4, requires_grad=True)
+    y = tensor_parallel.checkpoint(AllocInBackward.apply, False, x)
+    grad = torch.ones_like(y)
+    deallocate_output_tensor(y, True)  # what the schedules do before their backward
+    custom_backward(y, grad)
+    assert torch.equal(x.grad, torch.full((4,), 2.0)), x.grad
+
+
 SCENARIOS = {f.__name__: f for f in (
     import_transformers_models, import_bridge, rng_seed, build_moe_gpt, pipeline_schedule,
     distributed_optimizer, distopt_checkpoint_roundtrip, alltoall_split_sizes,
-    sequence_parallel_norm, recompute_moe_backward)}
+    sequence_parallel_norm, recompute_moe_backward, recompute_backward_alloc)}
 
 
 def _run_one(exclude, scenarios) -> int:

@@ -149,3 +149,21 @@ def test_sampling_seed_reproducible_across_server_history(tmp_path):
         restarted = draw(s)
     assert len({tuple(ids) for ids, _ in fresh}) > 1  # distinct seeds, distinct samples
     assert again == fresh and restarted == fresh
+
+
+def test_routed_experts_host_buffer_still_needs_unpinned_cpu_alloc():
+    """--enable-return-routed-experts (routing replay) allocates its host buffer through
+    ``ALLOC_MEMORY_FUNCS[device]``; SGLang 0.5.23's entry for "cpu" pins it with
+    cudaHostRegister and fails without CUDA (the server died at start-up).  In the server's
+    environment (our site folder) the fix's allocator is installed; SGLang's own fails."""
+    site_env = sglang_cpu.server_env({k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    code = ("import torch\nfrom sglang.srt.mem_cache.pool_host import common\n"
+            "funcs = common.ALLOC_MEMORY_FUNCS\nassert funcs['cpu']._drpo_unpinned\n"
+            "buf = funcs['cpu']((4, 2, 2), torch.int32, 'cpu', True, common.HostTensorAllocator())\n"
+            "assert buf.shape == (4, 2, 2)\nprint('fixed ok')\n"
+            "funcs.pop('cpu')  # SGLang's own entry (the defaultdict's alloc_with_host_register)\n"
+            "funcs['cpu']((4, 2, 2), torch.int32, 'cpu', True, common.HostTensorAllocator())\n")
+    r = _run(code, sglang_cpu.CPU_SERVER_ENV, pythonpath=site_env["PYTHONPATH"])
+    assert "fixed ok" in r.stdout, r.stderr[-2000:]
+    assert r.returncode != 0 and "Torch not compiled with CUDA enabled" in r.stderr, (
+        "SGLang's cpu host allocator works without CUDA now: remove unpinned_cpu_host_buffers")

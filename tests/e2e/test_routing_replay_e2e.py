@@ -1,0 +1,192 @@
+"""Routing replay (R3) in the real loop: `drpo train` with a real SGLang CPU server and the
+Megatron actor, ``rollout.routing_replay`` off / record / replay.
+
+The rollouts run on MXFP4-emulated weights (``rollout.precision: mxfp4_emulated``: the trainer
+keeps fp32 weights), a setting where the engine's router picks other experts than the trainer's
+for some tokens.  Step 1 of the three runs draws the same samples (same fresh weights, same
+per-sample seeds), so their step-1 metrics are a paired comparison:
+
+* off: no routes anywhere (no ``mismatch/moe/*``, no ``routed_experts`` in rollouts.jsonl);
+* record: the samples carry the engine's routes (rollouts.jsonl), ``mismatch/moe/*`` reports a
+  non-zero disagreement, overall and per layer, and nothing is forced (the step's loss and
+  gradient equal off's);
+* replay: the trainer's routers used the engine's experts (``mismatch/moe/*`` = 0, per layer:
+  measured by the hook on Megatron's router, see training/routing_replay.py) and
+  ``mismatch/logprob_abs_diff`` is below off's.
+
+Then kill -9 and resume with replay (the pattern of test_resume_e2e.py): run B saves at step 2,
+is killed in step 3 and resumed; steps 3-4 draw the same samples, with the same routes, and give
+the same losses as the uninterrupted replay run A (rel 1e-6, as the resume test).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 4
+SAMPLES_PER_STEP = 4 * 4
+LAYERS, TOP_K = 2, 2  # the embedded tiny policy
+
+
+def _cfg(root: Path, mode: str, *, steps: int, save_every: int = 0) -> Path:
+    cfg = {
+        "model": {"cache_dir": str(root / "cache"), "tiny": {"sft_steps": 60}},
+        "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 12,
+                    "precision": "mxfp4_emulated", "routing_replay": mode},
+        "loss": {"horizon": 12},
+        "optim": {"updates_per_rollout": 2},
+        "train": {"max_steps": steps, "eval_every": 0, "save_every": save_every},
+        "logging": {"writers": ["jsonl"]},
+    }
+    path = root / f"cfg_{mode}_{steps}_{save_every}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _cmd(cfg: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "drpo_megatron.cli", "train", "--config", str(cfg),
+            "--output-dir", str(out), *extra]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _metrics(run: Path) -> dict[int, dict]:
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        if m.get("step", 0) >= 1 and "loss/policy_loss" in m:
+            out[m["step"]] = m
+    return out
+
+
+def _rollouts(run: Path) -> dict[int, list[dict]]:
+    out: dict[int, list[dict]] = {}
+    for line in (run / "rollouts.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out.setdefault(r["step"], []).append(r)
+    return {step: rows[-SAMPLES_PER_STEP:] for step, rows in out.items()}
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    import psutil
+
+    try:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        kids = []
+    os.kill(proc.pid, signal.SIGKILL)
+    for k in kids:
+        try:
+            os.killpg(k.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.wait(timeout=60)
+
+
+def _sample(r: dict) -> tuple:
+    return (r["prompt_ids"], r["response_ids"], r["rollout_logp"])
+
+
+def _run(cmd: list[str], timeout: float = 1200) -> None:
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+
+
+def test_routing_replay_off_record_replay_and_resume(tmp_path):
+    subprocess.run([sys.executable, "-c",
+                    "import sys; from drpo_megatron.platform import apply_cpu_compat; "
+                    "apply_cpu_compat(); from drpo_megatron.models.tiny import "
+                    "TinyModelConfig, ensure_tiny_checkpoint; "
+                    "ensure_tiny_checkpoint(sys.argv[1], TinyModelConfig(sft_steps=60), "
+                    "show_progress=False)", str(tmp_path / "cache")],
+                   cwd=ROOT, env=_env(), check=True, timeout=600)
+    run_off, run_rec = tmp_path / "off", tmp_path / "record"
+    run_a, run_b = tmp_path / "replay_a", tmp_path / "replay_b"
+    _run(_cmd(_cfg(tmp_path, "off", steps=1), run_off))
+    _run(_cmd(_cfg(tmp_path, "record", steps=1), run_rec))
+    a = subprocess.Popen(_cmd(_cfg(tmp_path, "replay", steps=STEPS), run_a), cwd=ROOT, env=_env(),
+                         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "a.err", "w"))
+    b = subprocess.Popen(_cmd(_cfg(tmp_path, "replay", steps=STEPS, save_every=2), run_b),
+                         cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                         stderr=open(tmp_path / "b.err", "w"))
+    try:
+        deadline = time.time() + 900
+        while not (run_b / "checkpoint" / "trainer_state.pt").exists():
+            assert b.poll() is None, (tmp_path / "b.err").read_text()[-4000:]
+            assert time.time() < deadline, "no step-2 checkpoint in 900 s"
+            time.sleep(0.5)
+        _kill_tree(b)
+        assert max(_metrics(run_b), default=0) < STEPS  # really interrupted
+        assert a.wait(timeout=1200) == 0, (tmp_path / "a.err").read_text()[-4000:]
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                _kill_tree(p)
+    _run(_cmd(_cfg(tmp_path, "replay", steps=STEPS, save_every=2), run_b, "--resume"))
+
+    m_off, m_rec, m_a, m_b = (_metrics(r) for r in (run_off, run_rec, run_a, run_b))
+    r_off, r_rec, r_a, r_b = (_rollouts(r) for r in (run_off, run_rec, run_a, run_b))
+
+    # step 1: the same samples in all three runs (a paired comparison)
+    assert [_sample(r) for r in r_off[1]] == [_sample(r) for r in r_rec[1]] == \
+        [_sample(r) for r in r_a[1]]
+
+    # off: no routes, no routing metrics
+    assert not any("routed_experts" in r for r in r_off[1])
+    assert not any(k.startswith("mismatch/moe/") for k in m_off[1])
+
+    # record and replay: every sample carries the engine's routes, [prompt + response - 1, L, K]
+    for rows in (r_rec[1], r_a[1]):
+        for r in rows:
+            re = r["routed_experts"]
+            t = len(r["prompt_ids"]) + len(r["response_ids"]) - 1
+            assert re["shape"] == [t, LAYERS, TOP_K] and re["dtype"] == "uint8"
+            assert len(base64.b64decode(re["b64"])) == t * LAYERS * TOP_K
+    assert [r["routed_experts"] for r in r_rec[1]] == [r["routed_experts"] for r in r_a[1]]
+
+    # record: a real disagreement, overall and per layer; nothing forced
+    rec = m_rec[1]
+    assert rec["mismatch/moe/route_mismatch_frac"] > 0, rec
+    assert rec["mismatch/moe/token_mismatch_frac"] > 0
+    per_layer = [rec[f"mismatch/moe/layer_{i}/route_mismatch_frac"] for i in range(LAYERS)]
+    assert max(per_layer) > 0 and max(per_layer) == rec["mismatch/moe/layer_mismatch_frac_max"]
+    for key in ("loss/policy_loss", "loss/grad_norm", "mismatch/logprob_abs_diff"):
+        assert rec[key] == pytest.approx(m_off[1][key], rel=1e-6, abs=1e-9), key
+
+    # replay: the routers used the engine's experts; π is closer to µ than without replay
+    rep = m_a[1]
+    assert rep["mismatch/moe/route_mismatch_frac"] == 0.0
+    assert rep["mismatch/moe/token_mismatch_frac"] == 0.0
+    assert all(rep[f"mismatch/moe/layer_{i}/route_mismatch_frac"] == 0.0 for i in range(LAYERS))
+    assert rep["mismatch/logprob_abs_diff"] < m_off[1]["mismatch/logprob_abs_diff"], (
+        rep["mismatch/logprob_abs_diff"], m_off[1]["mismatch/logprob_abs_diff"])
+    assert all(m_a[s]["mismatch/moe/route_mismatch_frac"] == 0.0 for s in m_a)
+
+    # kill -9 + resume with replay: identical samples (routes included) and losses
+    log = (run_b / "logs" / "trainer.log").read_text()
+    assert "resumed from" in log and "continuing at step 3" in log
+    assert sorted(m_a) == sorted(m_b) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert [(_sample(r), r["routed_experts"]) for r in r_b[step]] == \
+            [(_sample(r), r["routed_experts"]) for r in r_a[step]], step
+        for key in ("loss/policy_loss", "loss/grad_norm", "mismatch/logprob_abs_diff",
+                    "mismatch/moe/route_mismatch_frac"):
+            assert m_b[step][key] == pytest.approx(m_a[step][key], rel=1e-6, abs=1e-9), (step, key)
