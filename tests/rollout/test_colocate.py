@@ -112,7 +112,7 @@ def test_plan_prints_the_colocated_line(capsys):
 def test_colocated_step_with_real_server(policy, tmp_path):
     import test_transport_e2e as te  # the fake actor and the HF reference of the transport test
 
-    from drpo_megatron.rollout.router import PausedTransport
+    from drpo_megatron.weights.sync import PausedTransport
     from drpo_megatron.rollout.server import ServerConfig, SGLangServer
     from drpo_megatron.rollout.verify import WeightSyncMismatch, verify_sync
     from drpo_megatron.weights.transport import build_transport
