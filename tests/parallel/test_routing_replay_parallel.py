@@ -92,7 +92,10 @@ def test_recompute_replays_the_same_routes(hf_dir, single):
 # one's backward: the recomputation must pop that micro-batch's routes, not the latest ones);
 # ep2: EP2 x DP2, all-to-all dispatcher (each DP rank replays its own samples; padding rows get
 # the filler experts)
-@pytest.mark.parametrize("layout,recompute", [("tp2", "full"), ("pp2", "full"), ("ep2", "none")])
+@pytest.mark.parametrize("layout,recompute", [
+    ("tp2", "full"), ("pp2", "full"),
+    # EP2 x DP2: the all-to-all path; long (4 ranks' worth of work on 2 cores): -m extended
+    pytest.param("ep2", "none", marks=pytest.mark.extended)])
 def test_layout_replays_and_equals_single_process(hf_dir, single, layout, recompute):
     res = _run(hf_dir, layout, "replay", recompute)
     _assert_replayed(res)

@@ -46,6 +46,7 @@ def test_server_returns_routes_sglang_decoder_agrees_router_drops_them(policy, t
     assert "output_token_logprobs" in res["router_meta_keys"]  # the rest of meta_info survives
 
 
+@pytest.mark.extended  # the drpo train e2e (tests/e2e/test_routing_replay_e2e.py) covers it
 def test_actor_replays_real_engine_routes(policy, tmp_path):
     eng = _engine(policy, "mxfp4_emulated", tmp_path)
     samples = tmp_path / "samples.pkl"
