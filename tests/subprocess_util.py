@@ -38,3 +38,26 @@ def torchrun_args(nproc: int) -> list[str]:
     """``-m torch.distributed.run`` arguments for ``nproc`` local ranks on a free port."""
     return ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", "1",
             "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+
+
+def small_run_config(cache_dir, *, steps: int, **sections) -> dict:
+    """The run config of the loop's end-to-end tests: the embedded tiny policy with a short warm
+    start (cached in ``cache_dir``), 4 prompts x 4 samples of at most 12 tokens, 2 updates per
+    step, no eval, metrics to jsonl; ``sections`` update it (``rollout={...}``, ``train={...}``)."""
+    cfg = {
+        "model": {"cache_dir": str(cache_dir), "tiny": {"sft_steps": 60}},
+        "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 12},
+        "loss": {"horizon": 12},
+        "optim": {"updates_per_rollout": 2},
+        "train": {"max_steps": steps, "eval_every": 0, "save_every": 0},
+        "logging": {"writers": ["jsonl"]},
+    }
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values}
+    return cfg
+
+
+def drpo_train_cmd(cfg_path, out, *extra: str) -> list[str]:
+    """``python -m drpo_megatron.cli train --config CFG --output-dir OUT EXTRA...``."""
+    return [sys.executable, "-m", "drpo_megatron.cli", "train", "--config", str(cfg_path),
+            "--output-dir", str(out), *map(str, extra)]

@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from subprocess_util import ROOT, worker_env
+from subprocess_util import ROOT, small_run_config, worker_env
 
 from drpo_megatron.training.checkpoint import find_checkpoint, read_trainer_state
 
@@ -38,13 +38,7 @@ def cache(tmp_path_factory) -> Path:
 
 
 def _cfg(root: Path, cache: Path, steps: int, **train) -> Path:
-    cfg = {
-        "model": {"cache_dir": str(cache), "tiny": {"sft_steps": 60}},
-        "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 12},
-        "loss": {"horizon": 12},
-        "train": {"max_steps": steps, "eval_every": 0, "save_every": 0, **train},
-        "logging": {"writers": ["jsonl"]},
-    }
+    cfg = small_run_config(cache, steps=steps, train=train)
     path = root / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

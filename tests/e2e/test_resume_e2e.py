@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import pytest
-from subprocess_util import worker_env
+from subprocess_util import drpo_train_cmd, small_run_config, worker_env
 import yaml
 
 pytestmark = pytest.mark.slow
@@ -40,26 +40,14 @@ SAMPLES_PER_STEP = 4 * 4  # rollout.prompts_per_step x samples_per_prompt below
 
 
 def _cfg(root: Path, save_every: int) -> Path:
-    cfg = {
-        "model": {"cache_dir": str(root / "cache"), "tiny": {"sft_steps": 60}},
-        "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 12},
-        "loss": {"horizon": 12},
-        "optim": {"updates_per_rollout": 2},
-        "train": {"max_steps": STEPS, "eval_every": 0, "save_every": save_every},
-        "logging": {"writers": ["jsonl"]},
-    }
+    cfg = small_run_config(root / "cache", steps=STEPS, train={"save_every": save_every})
     path = root / f"cfg_{save_every}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-def _cmd(cfg: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "drpo_megatron.cli", "train", "--config", str(cfg),
-            "--output-dir", str(out), *extra]
-
-
-def _env():
-    return worker_env()
+_cmd = drpo_train_cmd
+_env = worker_env
 
 
 def _losses(run: Path) -> dict[int, dict]:

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import pytest
+from subprocess_util import drpo_train_cmd, small_run_config, worker_env
 import yaml
 
 pytestmark = pytest.mark.slow
@@ -42,29 +43,15 @@ LAYERS, TOP_K = 2, 2  # the embedded tiny policy
 
 
 def _cfg(root: Path, mode: str, *, steps: int, save_every: int = 0) -> Path:
-    cfg = {
-        "model": {"cache_dir": str(root / "cache"), "tiny": {"sft_steps": 60}},
-        "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 12,
-                    "precision": "mxfp4_emulated", "routing_replay": mode},
-        "loss": {"horizon": 12},
-        "optim": {"updates_per_rollout": 2},
-        "train": {"max_steps": steps, "eval_every": 0, "save_every": save_every},
-        "logging": {"writers": ["jsonl"]},
-    }
+    cfg = small_run_config(root / "cache", steps=steps, train={"save_every": save_every},
+                           rollout={"precision": "mxfp4_emulated", "routing_replay": mode})
     path = root / f"cfg_{mode}_{steps}_{save_every}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-def _cmd(cfg: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "drpo_megatron.cli", "train", "--config", str(cfg),
-            "--output-dir", str(out), *extra]
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return env
+_cmd = drpo_train_cmd
+_env = worker_env
 
 
 def _metrics(run: Path) -> dict[int, dict]:
