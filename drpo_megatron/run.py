@@ -36,7 +36,10 @@ from drpo_megatron.rewards.scorer import build_scorer
 from drpo_megatron.rollout import colocate
 from drpo_megatron.rollout.colocate import ColocatedTransport, Colocation
 from drpo_megatron.rollout.generator import RolloutGenerator
+from drpo_megatron.rollout.async_rollout import AsyncRollouts, BatchSource, groups_of, problems_of
+from drpo_megatron.rollout.partial import PartialFront
 from drpo_megatron.rollout.router import RolloutSetup, resolve_router_url, rollout_api_key
+from drpo_megatron.rollout.sampling import apply_overlong
 from drpo_megatron.rollout.routes import SERVER_FLAG as ROUTES_FLAG
 from drpo_megatron.rollout.routes import check_routing_replay_front, route_spec
 from drpo_megatron.rollout.verify import DEFAULT_ATOL
@@ -81,11 +84,15 @@ class Run:
     progress: Progress             # bar + step line (driver)
     throughput: ThroughputMeter    # perf/ tokens/s and MFU
     servers: RolloutSetup          # what was launched (stopped by close)
+    batches: BatchSource | None = None    # each step's batch: made now (sync) or by a producer (driver)
     colocation: Colocation | None = None  # servers sharing the trainer's GPUs (rollout/colocate.py)
 
     def close(self) -> None:
-        """The transport first (the distributed one holds a process group with the servers),
-        then the servers and router we launched (an external router's are left alone)."""
+        """The rollout producer first (async), then the transport (the distributed one holds a
+        process group with the servers), then the servers and router we launched (an external
+        router's are left alone)."""
+        if self.batches is not None:
+            self.batches.close()
         try:
             self.sync.close()
         except Exception as e:  # noqa: BLE001 - teardown goes on
@@ -241,7 +248,10 @@ def build_run(cfg: RunConfig) -> Run:
             scorer.close()
         setup.stop()
         raise
-    rollout = None
+    rollout = batches = None
+    prompts = PromptStream(train_set, tokenizer, seed=cfg.train.seed)
+    if cfg.rollout.partial_rollouts:  # responses cut by a push continue on the new weights
+        front = PartialFront(front)
     if driver:
         rollout = RolloutGenerator(cfg.rollout, front, scorer,
                                    advantage=cfg.loss.advantage, seed=cfg.train.seed,
@@ -249,12 +259,50 @@ def build_run(cfg: RunConfig) -> Run:
                                    eval_problems=eval_set,
                                    eval_k=cfg.train.eval_samples_per_prompt, tokenizer=tokenizer,
                                    routes=routes)
-    return Run(cfg=cfg, run_dir=run_dir, driver=driver,
-               prompts=PromptStream(train_set, tokenizer, seed=cfg.train.seed), rollout=rollout,
+        batches = build_batch_source(cfg, rollout, prompts)
+    return Run(cfg=cfg, run_dir=run_dir, driver=driver, prompts=prompts, rollout=rollout,
                actor=actor, reference=reference, monitor=MismatchMonitor(cfg.loss.policy, writers), sync=sync,
                writers=writers, recorder=RolloutRecorder(run_dir, enabled=driver),
                progress=Progress(enabled=driver), throughput=throughput, servers=setup,
-               colocation=colocation)
+               batches=batches, colocation=colocation)
+
+
+#: ``first_group`` of a regenerated stale group: its sampling seeds never repeat a fresh group's
+REGENERATED_FIRST_GROUP = 1_000_000
+
+
+def build_batch_source(cfg: RunConfig, rollout: RolloutGenerator, prompts: PromptStream
+                       ) -> BatchSource:
+    """Where each step's batch comes from (rollout.mode, rollout/async_rollout.py): boxes 1-3 of
+    the loop (generate, reward, advantages) as ``produce(step)``; each sample is numbered by its
+    prompt draw (``meta["prompt_index"]``: the data cursor of its prompt)."""
+    r = cfg.rollout
+
+    def produce(step: int):
+        first = prompts.cursor
+        samples, metrics = rollout.generate_and_score(step, prompts.next)
+        for s in samples:
+            s.meta["prompt_index"] = first + s.meta["generated_group"]
+        rollout.assign_advantages(samples)
+        return samples, metrics
+
+    def regenerate(step: int, groups):
+        new = rollout.generate([g[0].prompt_ids for g in groups], problems_of(groups), step=step,
+                               first_group=REGENERATED_FIRST_GROUP)
+        rollout.score(new)
+        apply_overlong(new, r)
+        fresh = groups_of(new)
+        for old, grp in zip(groups, fresh):
+            for smp in grp:
+                smp.meta.update({k: old[0].meta[k] for k in ("prompt_index", "generated_group")
+                                 if k in old[0].meta})
+        rollout.assign_advantages(new)
+        return fresh
+
+    kw = dict(cursor_state=prompts.state_dict, stale_policy=r.stale_policy, regenerate=regenerate)
+    if r.mode == "async":
+        return AsyncRollouts(produce, max_staleness=r.max_staleness, **kw)
+    return BatchSource(produce, max_staleness=0, **kw)
 
 
 def build_sync(cfg: RunConfig, actor: MegatronActor, setup: RolloutSetup, run_dir: Path,

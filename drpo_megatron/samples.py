@@ -7,7 +7,7 @@ outputs, ``training/`` packs them into micro-batches, ``mismatch/`` and the run 
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -97,7 +97,38 @@ class Sample:
     # the engine's experts of every forwarded token (rollout.routing_replay record / replay)
     routed_experts: RoutedExperts | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # the weight version that generated each response token (partial rollouts: a response paused
+    # by a weight push continues on the new weights); None = every token is ``weight_version``
+    token_versions: list[int] | None = None
 
     @property
     def num_response_tokens(self) -> int:
         return len(self.response_ids)
+
+    def versions(self) -> list[int]:
+        """The weight version of each response token ([len(response_ids)]); raises ValueError
+        when ``weight_version`` is not an integer (an engine that does not number versions)."""
+        if self.token_versions is not None:
+            return list(self.token_versions)
+        return [int(self.weight_version)] * len(self.response_ids)
+
+    def oldest_version(self) -> int:
+        """The oldest weight version among the response tokens (the sample's staleness is
+        measured from it); ``weight_version`` for an empty response."""
+        return min(self.token_versions) if self.token_versions else int(self.weight_version)
+
+    def to_state(self) -> dict[str, Any]:
+        """Plain python types only (a checkpoint's ``trainer_state.pt`` is loaded with
+        ``weights_only=True``): the routes as :meth:`RoutedExperts.to_json`."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["routed_experts"] = None if self.routed_experts is None else self.routed_experts.to_json()
+        return out
+
+    @classmethod
+    def from_state(cls, d: dict[str, Any]) -> "Sample":
+        """The inverse of :meth:`to_state` (fields absent from an older state keep defaults)."""
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        if kw.get("routed_experts") is not None:
+            kw["routed_experts"] = RoutedExperts.from_json(kw["routed_experts"])
+        return cls(**kw)

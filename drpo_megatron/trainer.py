@@ -25,12 +25,14 @@ log = logging.getLogger(__name__)
 
 
 def save(run: Run, step: int) -> None:
-    """Checkpoint: model, optimizer, RNG states, the data cursor, the resolved config (a resume
-    compares it with its own) and the step (atomic; a failure raises CheckpointError and leaves
+    """Checkpoint: model, optimizer, RNG states, the data cursor and the finished batches not
+    trained yet (async), the resolved config (a resume compares it with its own) and the step
+    (atomic; a failure raises CheckpointError and leaves
     the previous checkpoint intact)."""
     t0 = time.time()
+    data = run.batches.state_dict() if run.batches is not None else run.prompts.state_dict()
     run.actor.save_checkpoint(run.run_dir / "checkpoint", step=step,
-                              extra_state={**run.prompts.state_dict(), "config": run.cfg.to_dict()})
+                              extra_state={**data, "config": run.cfg.to_dict()})
     log.info("saved checkpoint of step %d in %.1fs", step, time.time() - t0)
 
 
@@ -46,7 +48,10 @@ def resume(run: Run) -> int:
             raise FileNotFoundError(f"--resume: no checkpoint in {run.run_dir / 'checkpoint'}")
         return 1
     step, extra = run.actor.load_checkpoint(ckpt)
-    run.prompts.load_state_dict(extra)
+    if run.batches is not None:  # the cursor, and the batches generated but not trained yet
+        run.batches.load_state_dict(extra, run.prompts.load_state_dict)
+    else:
+        run.prompts.load_state_dict(extra)
     if run.driver:  # steps after the checkpoint run again: each is recorded once
         for name in ("metrics.jsonl", "rollouts.jsonl"):
             dropped = rollback_jsonl(run.run_dir / name, step)
@@ -79,23 +84,23 @@ def train(cfg: RunConfig) -> dict[str, float]:
             start = resume(run)
             if cfg.train.eval_every and start == 1 and run.driver:
                 run.writers.log_scalars(0, run.rollout.evaluate(version=0))
+            if run.driver:  # async: the producer starts on the next batches now
+                run.batches.start(start, cfg.train.max_steps, version=start - 1)
         for step in run.progress.steps(range(start, cfg.train.max_steps + 1)):
             t_step = time.time()
             metrics: dict[str, float] = {}
 
-            # 1-3 run on the driver rank (it talks to SGLang), then go to every training rank
+            # 1-3 run on the driver rank (it talks to SGLang), then go to every training rank:
+            # 1. generate: n samples per prompt from SGLang, with per-token log-probs µ,
+            # 2. reward them (math-verify on \boxed{} answers; rollout.overlong; dynamic sampling
+            #    generates more prompts until enough groups have non-equal rewards), and
+            # 3. group advantages: one batch, made now (rollout.mode sync) or by the producer
+            #    while the previous steps trained (async, at most rollout.max_staleness weight
+            #    versions old); perf/rollout_time_s, perf/reward_time_s, perf/trainer_wait_s
             samples = None
             if run.driver:
-                # 1. generate: n samples per prompt from SGLang, with per-token log-probs µ, and
-                # 2. reward them (math-verify on \boxed{} answers; rollout.overlong): one call,
-                #    because dynamic sampling (rollout.dynamic_filter) generates more prompts until
-                #    enough groups have non-equal rewards; it times both parts
-                #    (perf/rollout_time_s, perf/reward_time_s)
-                samples, sampling_metrics = run.rollout.generate_and_score(step, run.prompts.next)
+                samples, sampling_metrics = run.batches.get(step)
                 metrics.update(sampling_metrics)
-
-                # 3. group advantages
-                run.rollout.assign_advantages(samples)
             if run.colocation is not None:  # colocated servers free the GPUs before anyone trains
                 metrics.update(run.colocation.release())
             samples = share(samples)
@@ -124,12 +129,17 @@ def train(cfg: RunConfig) -> dict[str, float]:
 
             # 5. sync weights to the rollout servers (weight_version = step)
             metrics.update(run.sync.push(version=step))
+            if run.driver:
+                run.batches.published(step)  # async: the producer may start the next batch
 
             # 6. eval on the held-out set
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and run.driver:
                 metrics.update(run.rollout.evaluate(version=step))
 
             metrics["perf/step_time_s"] = time.time() - t_step
+            if run.driver:
+                metrics["perf/engine_idle_frac"] = run.batches.engine_idle_frac(
+                    metrics["perf/step_time_s"])
             run.writers.log_scalars(step, metrics)
             run.progress.show(step, metrics)
             last = metrics

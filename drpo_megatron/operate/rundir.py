@@ -64,7 +64,9 @@ class RolloutRecorder:
                                      "text": s.text, "answer": s.answer, "reward": s.reward,
                                      "advantage": s.advantage, "finish_reason": s.finish_reason,
                                      "weight_version": s.weight_version, "in_loss": s.in_loss,
-                                     "meta": s.meta, **_routes_field(s)}) + "\n")
+                                     "meta": s.meta, **_routes_field(s),
+                                     **({} if s.token_versions is None
+                                        else {"token_versions": s.token_versions})}) + "\n")
 
 
 def _routes_field(s: Sample) -> dict[str, Any]:
@@ -112,10 +114,12 @@ RESUME_SAFE_CHANGES = (
     "train.save_every", "train.resume", "train.max_nonfinite_updates", "logging.",
     "rollout.server.", "rollout.verify_sync", "rollout.max_attempts", "rollout.num_servers",
     "rollout.router", "rollout.weight_transport", "rollout.weight_bucket_mb",
+    "rollout.mode", "rollout.max_staleness", "rollout.stale_policy", "rollout.partial_rollouts",
     "parallel.tp", "parallel.pp", "parallel.etp", "parallel.sequence_parallel", "parallel.num_nodes",
     "parallel.gpus_per_node", "parallel.micro_batch_size", "parallel.recompute", "parallel.device",
     "parallel.rollout_nodes", "parallel.rollout_tp", "parallel.gpu_memory_gb",
-)  # not parallel.ep / use_distributed_optimizer: Megatron's optimizer state does not move
+)  # rollout.mode & co: the batches a checkpoint holds are checked against the new bound
+#    not parallel.ep / use_distributed_optimizer: Megatron's optimizer state does not move
 #    between EP = 1 and EP > 1, nor between the plain and the distributed optimizer
 
 

@@ -26,6 +26,10 @@ from drpo_megatron.rollout.routes import RouteSpec, decode_routed_experts
 from drpo_megatron.rollout.server import SGLangServer, ServerError
 from drpo_megatron.samples import Sample
 
+#: meta_info key of a joined partial-rollout output (rollout/partial.py): the weight version of
+#: each output token (SGLang never sends it; an output without it came from one version)
+TOKEN_VERSIONS_KEY = "drpo_token_versions"
+
 
 def parse_sample(out: Any, *, group_id: int, prompt_ids: list[int], answer: str,
                  server_name: str, top_k: int = 0, routes: RouteSpec | None = None) -> Sample:
@@ -63,6 +67,9 @@ def parse_sample(out: Any, *, group_id: int, prompt_ids: list[int], answer: str,
                                                   where)
     finish = meta.get("finish_reason") or {}
     finish_type = str(finish.get("type", "unknown")) if isinstance(finish, dict) else str(finish)
+    versions = meta.get(TOKEN_VERSIONS_KEY)
+    if versions is not None and len(versions) != len(ids):
+        raise ServerError(f"{where} has {len(ids)} output_ids but {len(versions)} token versions")
     routed = None
     if routes is not None and finish_type != "abort":
         routed = decode_routed_experts(meta, num_tokens=len(prompt_ids) + len(ids) - 1,
@@ -79,6 +86,7 @@ def parse_sample(out: Any, *, group_id: int, prompt_ids: list[int], answer: str,
         topk_ids=topk_ids,
         topk_logp=topk_logp,
         routed_experts=routed,
+        token_versions=None if versions is None else [int(v) for v in versions],
     )
 
 

@@ -11,7 +11,8 @@ current weights through the ``resync`` callback *before* it is given any request
 ``weight_version`` is checked.  Either every group of the step comes back, or the step raises
 naming the groups and servers that failed: samples are never silently dropped.  A request that
 comes back aborted (``/pause_generation`` around a weight update) is re-issued whole and does
-not count as a failure.  :class:`~drpo_megatron.rollout.router.RouterFleet` reuses this
+not count as a failure (``keep_aborted=True`` hands it back instead, for partial rollouts:
+rollout/partial.py).  :class:`~drpo_megatron.rollout.router.RouterFleet` reuses this
 dispatch with sglang-router in front (``rollout.router: sglang-router``).
 """
 
@@ -114,11 +115,12 @@ class Fleet:
 
     def generate(self, input_ids: list[list[int]], sampling_params: dict[str, Any] | list,
                  *, return_logprob: bool = True, top_logprobs_num: int = 0,
-                 return_routed_experts: bool = False) -> list[dict]:
+                 return_routed_experts: bool = False, keep_aborted: bool = False) -> list[dict]:
         """:meth:`SGLangServer.generate` over the fleet (so a ``Fleet`` can stand in for a server):
         one request per prompt (its ``n`` samples stay on one server), outputs prompt-major.
         A request aborted by ``/pause_generation`` (a weight update) is re-issued whole, so no
-        returned sample mixes weight versions."""
+        returned sample mixes weight versions; ``keep_aborted``: returned as it is (partial
+        rollouts continue it on the new weights)."""
 
         def job(i):
             params = sampling_params[i] if isinstance(sampling_params, list) else sampling_params
@@ -131,7 +133,7 @@ class Fleet:
                 if len(outs) != want:
                     raise ServerError(f"{s.name}: /generate returned {len(outs)} outputs for one "
                                       f"prompt with n={want}")
-                if aborted(outs):
+                if aborted(outs) and not keep_aborted:
                     raise GenerationAborted(f"{s.name}: request {i} was aborted (weight update)")
                 return outs
             return run
@@ -274,17 +276,28 @@ class SingleServerFront(Fleet):
 
     def generate(self, input_ids: list[list[int]], sampling_params: dict[str, Any] | list,
                  *, return_logprob: bool = True, top_logprobs_num: int = 0,
-                 return_routed_experts: bool = False) -> list[dict]:
+                 return_routed_experts: bool = False, keep_aborted: bool = False) -> list[dict]:
+        """The batch as one request; the prompts whose outputs a weight push aborted are
+        re-issued (only those: the finished ones are kept), or with ``keep_aborted`` returned
+        as they are."""
         s = self.servers[0]
         self.watchdog()
+        n_out = [int((p if isinstance(p, dict) else {}).get("n", 1) or 1) for p in
+                 (sampling_params if isinstance(sampling_params, list)
+                  else [sampling_params] * len(input_ids))]
+        todo = list(range(len(input_ids)))  # prompts still to generate
+        results: dict[int, list[dict]] = {}
         aborts = 0
         attempt = 0
-        while True:
+        while todo:
             attempt += 1
+            params = ([sampling_params[i] for i in todo] if isinstance(sampling_params, list)
+                      else sampling_params)
             try:
-                outs = s.generate(input_ids, sampling_params, return_logprob=return_logprob,
-                                  top_logprobs_num=top_logprobs_num,
-                                  return_routed_experts=return_routed_experts)
+                batch = [input_ids[i] for i in todo]
+                outs = self._counted(lambda srv, b=batch, p=params: srv.generate(
+                    b, p, return_logprob=return_logprob, top_logprobs_num=top_logprobs_num,
+                    return_routed_experts=return_routed_experts), s)
             except ServerError as e:
                 first = str(e).splitlines()[0]
                 if attempt >= self.max_attempts or self.is_healthy(s):
@@ -292,11 +305,25 @@ class SingleServerFront(Fleet):
                 log.warning("batch failed on %s (attempt %d): %s", s.name, attempt, first)
                 self.restart(s, f"request failed: {first[:200]}")
                 continue
-            if not aborted(outs):
-                return outs
-            aborts += 1  # a weight push paused the server mid-batch: re-issue it whole
+            want = sum(n_out[i] for i in todo)
+            if len(outs) != want:
+                raise ServerError(f"{s.name}: /generate returned {len(outs)} outputs for "
+                                  f"{len(todo)} prompts (expected {want})")
+            again, off = [], 0
+            for i in todo:  # outputs are prompt-major: prompt i owns the next n_out[i]
+                mine = outs[off:off + n_out[i]]
+                off += n_out[i]
+                if aborted(mine) and not keep_aborted:
+                    again.append(i)
+                else:
+                    results[i] = mine
+            todo = again
+            if not todo:
+                break
+            aborts += 1  # a weight push paused the server mid-batch: re-issue the aborted prompts
             attempt -= 1
-            self.reissued += 1
+            self.reissued += len(todo)
             if aborts > self.max_aborts:
                 raise ServerError(f"{s.name}: batch aborted {aborts} times in a row (weight updates "
                                   "keep pausing the server)")
+        return [o for i in range(len(input_ids)) for o in results[i]]

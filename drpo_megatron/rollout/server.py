@@ -451,12 +451,15 @@ class SGLangServer(ManagedProcess):
         self._post("/continue_generation", {}, self.cfg.request_timeout_s, "continue_generation")
 
 
+def is_aborted(out: Any) -> bool:
+    """True when one ``/generate`` output was aborted (``finish_reason.type == "abort"``, e.g. by
+    ``/pause_generation`` around a weight update): its tokens are partial."""
+    meta = out.get("meta_info") if isinstance(out, dict) else None
+    fin = meta.get("finish_reason") if isinstance(meta, dict) else None
+    return isinstance(fin, dict) and fin.get("type") == "abort"
+
+
 def aborted(outs: list[Any]) -> bool:
-    """True when any ``/generate`` output was aborted (``finish_reason.type == "abort"``, e.g. by
-    ``/pause_generation`` around a weight update): its tokens are partial and must be re-generated."""
-    for o in outs:
-        meta = o.get("meta_info") if isinstance(o, dict) else None
-        fin = meta.get("finish_reason") if isinstance(meta, dict) else None
-        if isinstance(fin, dict) and fin.get("type") == "abort":
-            return True
-    return False
+    """True when any ``/generate`` output was aborted: its tokens are partial and must be
+    re-generated (or continued: rollout/partial.py)."""
+    return any(is_aborted(o) for o in outs)

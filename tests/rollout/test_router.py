@@ -16,7 +16,6 @@ import os
 import signal
 import socket
 import threading
-import time
 
 import pytest
 import torch
@@ -28,26 +27,10 @@ from drpo_megatron.rollout.server import ServerConfig
 from drpo_megatron.rollout.verify import probe_server
 from drpo_megatron.weights.sync import PausedTransport, one_server_resync
 from drpo_megatron.weights.transport import build_transport
+from server_helpers import VersionedActor, push, slow_down, wait_in_flight
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(torch.cuda.is_available(), reason="CPU SGLang server test")]
-
-
-class VersionedActor:
-    """HF-named tensors of the tiny policy, perturbed per version (a server left at an older
-    version, or not re-synced, answers differently)."""
-
-    def __init__(self, policy):
-        from safetensors.torch import load_file
-
-        self.base = load_file(str(policy / "model.safetensors"))
-        self.version = 0
-
-    def named_hf_tensors(self, precision="bf16"):
-        g = torch.Generator().manual_seed(100 + self.version)
-        for name, t in self.base.items():
-            t = t.float()
-            yield name, (t * (1 + 0.3 * torch.randn(t.shape, generator=g)) if t.dim() == 2 else t)
 
 
 @pytest.fixture(scope="module")
@@ -85,28 +68,6 @@ def rollout(policy, tmp_path_factory):
         yield setup, front, transport, actor
     finally:
         setup.stop()
-
-
-def slow_down(servers, seconds):
-    """SGLang's test hook: sleep this long before every forward step (None: off), so that a
-    generation is surely still running when the test acts on it."""
-    import requests
-
-    for s in servers:
-        r = requests.post(s.url + "/slow_down", json={"forward_sleep_time": seconds}, timeout=30)
-        assert r.status_code == 200, r.text
-
-
-def wait_in_flight(front, th):
-    while front.in_flight == 0:
-        assert th.is_alive(), "the generation ended before it went in flight"
-        time.sleep(0.05)
-    time.sleep(1.0)  # the requests reach the servers (each forward step sleeps 0.05 s)
-
-
-def push(transport, actor, version):
-    actor.version = version
-    return transport.push(version)
 
 
 def test_groups_after_sync_carry_the_version(rollout, prompts):

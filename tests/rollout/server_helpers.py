@@ -1,0 +1,47 @@
+"""Helpers of the tests that drive real SGLang CPU servers directly (router, partial rollouts):
+versioned weights, SGLang's slow-down hook, pushes."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+class VersionedActor:
+    """HF-named tensors of the tiny policy, perturbed per version (a server left at an older
+    version, or not re-synced, answers differently)."""
+
+    def __init__(self, policy):
+        from safetensors.torch import load_file
+
+        self.base = load_file(str(policy / "model.safetensors"))
+        self.version = 0
+
+    def named_hf_tensors(self, precision="bf16"):
+        g = torch.Generator().manual_seed(100 + self.version)
+        for name, t in self.base.items():
+            t = t.float()
+            yield name, (t * (1 + 0.3 * torch.randn(t.shape, generator=g)) if t.dim() == 2 else t)
+
+
+def slow_down(servers, seconds):
+    """SGLang's test hook: sleep this long before every forward step (None: off), so that a
+    generation is surely still running when the test acts on it."""
+    import requests
+
+    for s in servers:
+        r = requests.post(s.url + "/slow_down", json={"forward_sleep_time": seconds}, timeout=30)
+        assert r.status_code == 200, r.text
+
+
+def wait_in_flight(front, th):
+    while front.in_flight == 0:
+        assert th.is_alive(), "the generation ended before it went in flight"
+        time.sleep(0.05)
+    time.sleep(1.0)  # the requests reach the servers (each forward step sleeps 0.05 s)
+
+
+def push(transport, actor, version):
+    actor.version = version
+    return transport.push(version)
