@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import threading
 from collections import defaultdict
 from typing import Any, Sequence
 
@@ -77,9 +78,22 @@ class RewardScorer:
         self._reset()
 
     def _reset(self) -> None:
-        self._sums: dict[str, float] = defaultdict(float)
-        self._counts: dict[str, int] = defaultdict(int)
-        self._timeouts = self._fallbacks = 0
+        """The counts of the calling thread start again.  Counts are per thread: with
+        asynchronous rollouts the producer thread scores training batches while the trainer's
+        thread scores the eval set, and each pops its own; the reward calls themselves take
+        turns (``_lock``: the worker pool serves one call at a time)."""
+        if not hasattr(self, "_lock"):
+            self._lock = threading.Lock()
+            self._local = threading.local()
+        acc = self._local
+        acc.sums = defaultdict(float)
+        acc.counts = defaultdict(int)
+        acc.timeouts = acc.fallbacks = 0
+
+    def _acc(self) -> threading.local:
+        if not hasattr(self._local, "sums"):
+            self._reset()
+        return self._local
 
     # ------------------------------------------------------------------ calls
     def _function_outcomes(self, inputs: list[tuple[str, str, dict]]) -> list[tuple[str, Any]]:
@@ -117,10 +131,12 @@ class RewardScorer:
             return
         c = self.cfg
         inputs = [reward_inputs(s) for s in samples]
-        if self.http is not None:
-            outcomes = self.http.score(*map(list, zip(*inputs)))
-        else:
-            outcomes = self._function_outcomes(inputs)
+        acc = self._acc()
+        with self._lock:
+            if self.http is not None:
+                outcomes = self.http.score(*map(list, zip(*inputs)))
+            else:
+                outcomes = self._function_outcomes(inputs)
         limit = (f"reward.http.timeout_s={c.http.timeout_s:g} per request"
                  if self.http is not None else f"reward.timeout_s={c.timeout_s:g}")
         timeouts = fallbacks = 0
@@ -133,8 +149,8 @@ class RewardScorer:
                         s.meta[INFO_KEY] = extras
                     for k, v in extras.items():
                         if isinstance(v, numbers.Real) and math.isfinite(v):
-                            self._sums[k] += float(v)
-                            self._counts[k] += 1
+                            acc.sums[k] += float(v)
+                            acc.counts[k] += 1
                     continue
                 status, value = "error", why
             where = f"{self.name}: sample {i} (group {s.group_id}, answer {s.answer!r})"
@@ -155,8 +171,8 @@ class RewardScorer:
             if fallbacks <= MAX_LOGGED_FAILURES:
                 log.warning("%s: %s; scored reward.fallback_score=%g", where, value,
                             c.fallback_score)
-        self._timeouts += timeouts
-        self._fallbacks += fallbacks
+        acc.timeouts += timeouts
+        acc.fallbacks += fallbacks
         if timeouts + fallbacks > c.max_failure_frac * len(samples):
             raise RewardError(
                 f"{self.name}: {timeouts} of {len(samples)} samples hit the time limit "
@@ -165,11 +181,13 @@ class RewardScorer:
                 "its server), raise the time limit, or set reward.max_failure_frac: 1.0")
 
     def pop_metrics(self, prefix: str = "rollout/reward/") -> dict[str, float]:
-        """The counts and extra-field means since the last pop (see the module docstring)."""
-        out = {f"{prefix}timeout_count": float(self._timeouts),
-               f"{prefix}fallback_count": float(self._fallbacks)}
-        for k, total in self._sums.items():
-            out[f"{prefix}{k}"] = total / self._counts[k]
+        """The counts and extra-field means of this thread's calls since its last pop (see the
+        module docstring)."""
+        acc = self._acc()
+        out = {f"{prefix}timeout_count": float(acc.timeouts),
+               f"{prefix}fallback_count": float(acc.fallbacks)}
+        for k, total in acc.sums.items():
+            out[f"{prefix}{k}"] = total / acc.counts[k]
         self._reset()
         return out
 

@@ -50,6 +50,9 @@ class Fleet:
         self.in_flight = 0  # requests sent and not answered yet (for logs and tests)
         self.restarts = {s.name: 0 for s in self.servers}
         self._lock = threading.Lock()
+        # one restart at a time: with asynchronous rollouts the producer and the trainer's eval
+        # both run the watchdog, and must not both restart the same dead server
+        self._restart_lock = threading.RLock()
         self._rr = 0
         self.events: list[str] = []  # what the watchdog did (for logs and tests)
 
@@ -64,7 +67,15 @@ class Fleet:
             return False
 
     def restart(self, s: SGLangServer, reason: str) -> None:
-        """Stop, start, wait healthy, re-sync to the current weights, check the version."""
+        """Stop, start, wait healthy, re-sync to the current weights, check the version (skipped
+        when another thread restarted ``s`` while this one waited for its turn)."""
+        seen = self.restarts[s.name]
+        with self._restart_lock:
+            if self.restarts[s.name] != seen:
+                return
+            self._restart(s, reason)
+
+    def _restart(self, s: SGLangServer, reason: str) -> None:
         with self._lock:
             self.restarts[s.name] += 1
             n = self.restarts[s.name]
