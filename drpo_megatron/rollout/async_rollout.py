@@ -266,7 +266,13 @@ class AsyncRollouts(BatchSource):
                     while not self._stop and self._next <= self._last and \
                             self._version < self._next - 1 - self.max_staleness:
                         self._cond.wait(POLL_S)
-                    if self._stop or self._next > self._last:
+                    if self._next > self._last:  # every batch made: stay until close().
+                        # Children this thread spawned (reward workers started or replaced by its
+                        # calls) carry PR_SET_PDEATHSIG, which fires when the spawning *thread*
+                        # exits: they must live as long as the run (the eval still scores).
+                        while not self._stop:
+                            self._cond.wait(POLL_S)
+                    if self._stop:
                         return
                     step = self._in_progress = self._next
                     self._cursor_before = self.cursor_state()

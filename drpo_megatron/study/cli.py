@@ -44,14 +44,16 @@ def _commit() -> str:
 
 
 def write_report(out_dir: str | Path, figures: bool = True) -> tuple[Path, list[Path]]:
-    """``DIR/report.html`` (the study page) and, with ``figures``, ``DIR/figures/*.png``."""
+    """``DIR/report.html`` (the study page), ``DIR/summary.md`` (its summary tables in Markdown)
+    and, with ``figures``, ``DIR/figures/*.png``."""
     from drpo_megatron.dashboard.cli import _write
-    from drpo_megatron.study.report import build_study_report
+    from drpo_megatron.study.report import build_study_report, summary_markdown
     from drpo_megatron.study.results import load_study
 
     res = load_study(out_dir)
     page = Path(out_dir) / "report.html"
     _write(page, build_study_report(res))
+    _write(Path(out_dir) / "summary.md", summary_markdown(res))
     pngs = []
     if figures:
         from drpo_megatron.study.figures import write_figures

@@ -89,6 +89,37 @@ def _summary_table(res: StudyResults, cond: str) -> str:
             f'<tbody>{"".join(rows)}</tbody></table>')
 
 
+def summary_markdown(res: StudyResults) -> str:
+    """The summary tables as Markdown (``DIR/summary.md``, for reports such as
+    docs/paper-claims.md): one table per condition, the columns of the page's summary table
+    (definitions: docs/study.md), then mean |log π − log µ| per condition x method."""
+    a = res.spec.analysis
+    out = [f"# Study `{res.spec.name}`: summary", "",
+           f"{res.spec.description}".strip(), "",
+           "mean ± std over seeds (ddof = 1); definitions: docs/study.md.", ""]
+    head = (f"| method | final reward (last {a.final_window} steps) | best reward "
+            f"({a.smooth}-step mean) | final eval accuracy | step reaching reward ≥ "
+            f"{a.target_reward:g} (per seed) | collapses | mean abs(log π − log µ) |")
+    for cond in res.conditions:
+        out += [f"## {cond}", "", head, "|---|---|---|---|---|---|---|"]
+        for meth in res.methods:
+            cell = res.cells[(cond, meth)]
+            target = ", ".join(f"{s.seed}: {s.step_to_target if s.step_to_target is not None else '–'}"
+                               for s in cell.seeds) or "–"
+            why = "; ".join(f"seed {s.seed}: {s.collapse}" for s in cell.seeds if s.collapse)
+            out.append(f"| {meth} | {_pm(cell.final_reward)} | {_pm(cell.best_reward)} | "
+                       f"{_pm(cell.final_eval)} | {target} | {cell.collapses}/{len(cell.seeds)}"
+                       f"{' (' + why + ')' if why else ''} | {_pm(cell.mismatch_mean, 4)} |")
+        out.append("")
+    out += ["## mean abs(log π − log µ) per condition", "",
+            "| method | " + " | ".join(res.conditions) + " |",
+            "|---|" + "---|" * len(res.conditions)]
+    for meth in res.methods:
+        out.append(f"| {meth} | " + " | ".join(_pm(res.cells[(c, meth)].mismatch_mean, 4)
+                                               for c in res.conditions) + " |")
+    return "\n".join(out) + "\n"
+
+
 def _curve_chart(res: StudyResults, cond: str, key: str, title: str, n: list[int]) -> str:
     series = []
     for i, meth in enumerate(res.methods):

@@ -100,6 +100,10 @@ def test_tiny_study_end_to_end(tmp_path):
                                                     if "eval/accuracy" in r][-1])
         assert res.curves[("nvfp4", meth, "rollout/reward_mean")].mean == pytest.approx(rewards)
     assert (out / "study.yaml").exists() and 'data-study="tiny"' in (out / "report.html").read_text()
+    summary = (out / "summary.md").read_text()  # the same cells as Markdown
+    for meth in ("drpo", "ppo_clip"):
+        row = next(line for line in summary.splitlines() if line.startswith(f"| {meth} | "))
+        assert row.split(" | ")[1] == f"{res.cells[('nvfp4', meth)].final_reward[0]:.3g}"
     assert sorted(p.name for p in (out / "figures").glob("*.png")) == [
         "final_reward.png", "mismatch.png", "nvfp4.png"]
     resolved = yaml.safe_load((out / "study.yaml").read_text())
