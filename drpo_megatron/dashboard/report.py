@@ -65,6 +65,12 @@ MISMATCH_CHART_KEYS = (
     ("mismatch/nonfinite_rollout_tokens", "non-finite rollout log-probs (excluded)"),
 )
 
+#: asynchronous rollouts (rollout.mode: async): shown beside the mismatch, which staleness widens
+STALENESS_CHART_KEYS = (
+    ("rollout/staleness_mean", "staleness: weight versions behind the trainer (mean)"),
+    ("rollout/staleness_max", "staleness (max)"),
+)
+
 MU_BIN_TITLES = {"lt_1e-4": "<1e-4", "1e-4_1e-3": "1e-4–1e-3", "1e-3_1e-2": "1e-3–1e-2",
                  "1e-2_1e-1": "0.01–0.1", "1e-1_1": "0.1–1"}
 
@@ -311,6 +317,14 @@ def _time_section(ctx: _Ctx) -> str:
     return _section("Step time", "Where each step's wall-clock time goes, per run.", charts, "time")
 
 
+def _with_staleness(ctx: _Ctx, runs, charts: list[str]) -> list[str]:
+    """The staleness charts of asynchronous runs right after the first mismatch chart (samples
+    k versions old are a mismatch of their own: π of the current weights vs µ of older ones)."""
+    extra = [_line(ctx, k, t) for k, t in STALENESS_CHART_KEYS
+             if any(r.has(k) and any(v > 0 for v in r.window_values(k)) for r in runs)]
+    return charts[:1] + extra + charts[1:]
+
+
 def _curves_section(ctx: _Ctx) -> str:
     keys = sorted({k for r in ctx.runs for k in r.scalars})
     first = [k for k in ("rollout/reward_mean",) if k in keys]
@@ -451,9 +465,9 @@ def build_report(runs: list[Run], *, title: str = "DRPO mismatch report", window
         "Dashed red lines: thresholds the field uses (source in brackets); green dotted: ideal; "
         "grey dashed: a published healthy reference. Hover for values, click a colour chip in the "
         "run table to hide a run.",
-        [_line(ctx, k, t) for k, t in MISMATCH_CHART_KEYS
-         if k != "mismatch/nonfinite_rollout_tokens"
-         or any(any(v > 0 for v in r.window_values(k)) for r in runs)],
+        _with_staleness(ctx, runs, [_line(ctx, k, t) for k, t in MISMATCH_CHART_KEYS
+                                    if k != "mismatch/nonfinite_rollout_tokens"
+                                    or any(any(v > 0 for v in r.window_values(k)) for r in runs)]),
         "mismatch")
     bins = _section(
         "Where mismatch concentrates: gaps by rollout probability µ",

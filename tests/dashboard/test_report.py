@@ -192,3 +192,25 @@ def test_serve_reloads_on_new_data(three_runs, tmp_path):
         server.shutdown()
         server.server_close()
         t.join(5)
+
+
+def test_staleness_charts_sit_in_the_mismatch_section_for_async_runs(tmp_path):
+    runs = {}
+    for name, lag in (("async", 1.0), ("sync", 0.0)):
+        run = tmp_path / name
+        run.mkdir()
+        rows = [{"step": s, "mismatch/logprob_abs_diff": 0.01 * (1 + lag),
+                 "rollout/staleness_mean": lag * s / 3, "rollout/staleness_max": lag}
+                for s in range(1, 4)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs[name] = str(run)
+
+    def mismatch_section(run):
+        root = parse(build_html([run]))
+        return next(s for s in root.find_all("section") if s.attrs.get("id") == "mismatch")
+
+    mismatch = mismatch_section(runs["async"])
+    assert line_series(mismatch, "rollout/staleness_mean")["async"]["points"][2] == [3, 1.0]
+    assert line_series(mismatch, "rollout/staleness_max")
+    # a sync run (staleness 0 throughout) gets none there
+    assert not line_series(mismatch_section(runs["sync"]), "rollout/staleness_mean")
