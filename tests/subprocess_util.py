@@ -61,3 +61,23 @@ def drpo_train_cmd(cfg_path, out, *extra: str) -> list[str]:
     """``python -m drpo_megatron.cli train --config CFG --output-dir OUT EXTRA...``."""
     return [sys.executable, "-m", "drpo_megatron.cli", "train", "--config", str(cfg_path),
             "--output-dir", str(out), *map(str, extra)]
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a ``drpo train`` process and every process it started (its SGLang servers run in
+    sessions of their own), then reap it: what a crashed node does to a run."""
+    import signal
+
+    import psutil
+
+    try:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        kids = []
+    os.kill(proc.pid, signal.SIGKILL)
+    for kid in kids:
+        try:
+            os.killpg(kid.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.wait(timeout=60)

@@ -13,8 +13,6 @@ actor, ``drpo train``):
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -22,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from subprocess_util import ROOT, drpo_train_cmd, small_run_config, worker_env
+from subprocess_util import ROOT, drpo_train_cmd, kill_tree, small_run_config, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -104,22 +102,6 @@ def test_no_sample_exceeds_max_staleness(tmp_path, drpo_train, k, partial):
     check_every_prompt_once(records, steps)
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    import psutil
-
-    try:
-        kids = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        kids = []
-    os.kill(proc.pid, signal.SIGKILL)
-    for kid in kids:
-        try:
-            os.killpg(kid.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    proc.wait(timeout=60)
-
-
 def test_kill9_and_resume_train_every_prompt_once(tmp_path):
     steps = 6
     cfg = small_run_config(tmp_path / "cache", steps=steps,
@@ -139,10 +121,10 @@ def test_kill9_and_resume_train_every_prompt_once(tmp_path):
             assert proc.poll() is None, err.read_text()[-4000:]
             assert time.time() < deadline, "no checkpoint in 900 s"
             time.sleep(0.2)
-        _kill_tree(proc)
+        kill_tree(proc)
     finally:
         if proc.poll() is None:
-            _kill_tree(proc)
+            kill_tree(proc)
     assert max(metrics(run)) < steps  # really interrupted
     saved = torch.load(state, weights_only=True)
     extra = saved.get("extra_state", saved)

@@ -21,15 +21,13 @@ Tolerance: the samples and µ must be bit-identical; the losses rel 1e-6 (measur
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from subprocess_util import drpo_train_cmd, small_run_config, worker_env
+from subprocess_util import drpo_train_cmd, kill_tree, small_run_config, worker_env
 import yaml
 
 pytestmark = pytest.mark.slow
@@ -60,22 +58,6 @@ def _losses(run: Path) -> dict[int, dict]:
     return out
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    import psutil
-
-    try:
-        kids = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        kids = []
-    os.kill(proc.pid, signal.SIGKILL)
-    for k in kids:  # the SGLang server runs in its own session
-        try:
-            os.killpg(k.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    proc.wait(timeout=60)
-
-
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     # build the warm-started policy once (both runs share the cache)
     subprocess.run([sys.executable, "-c",
@@ -96,13 +78,13 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
             assert b.poll() is None, (tmp_path / "b.err").read_text()[-4000:]
             assert time.time() < deadline, "no step-3 checkpoint in 900 s"
             time.sleep(0.5)
-        _kill_tree(b)
+        kill_tree(b)
         assert max(_losses(run_b)) < STEPS  # really interrupted
         assert a.wait(timeout=1200) == 0, (tmp_path / "a.err").read_text()[-4000:]
     finally:
         for p in (a, b):
             if p.poll() is None:
-                _kill_tree(p)
+                kill_tree(p)
     proc = subprocess.run(_cmd(_cfg(tmp_path, 3), run_b, "--resume"), cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-5000:]

@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from subprocess_util import drpo_train_cmd, small_run_config, worker_env
+from subprocess_util import drpo_train_cmd, kill_tree, small_run_config, worker_env
 import yaml
 
 pytestmark = pytest.mark.slow
@@ -71,22 +69,6 @@ def _rollouts(run: Path) -> dict[int, list[dict]]:
     return {step: rows[-SAMPLES_PER_STEP:] for step, rows in out.items()}
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    import psutil
-
-    try:
-        kids = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        kids = []
-    os.kill(proc.pid, signal.SIGKILL)
-    for k in kids:
-        try:
-            os.killpg(k.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    proc.wait(timeout=60)
-
-
 def _sample(r: dict) -> tuple:
     return (r["prompt_ids"], r["response_ids"], r["rollout_logp"])
 
@@ -120,13 +102,13 @@ def test_routing_replay_off_record_replay_and_resume(tmp_path):
             assert b.poll() is None, (tmp_path / "b.err").read_text()[-4000:]
             assert time.time() < deadline, "no step-2 checkpoint in 900 s"
             time.sleep(0.5)
-        _kill_tree(b)
+        kill_tree(b)
         assert max(_metrics(run_b), default=0) < STEPS  # really interrupted
         assert a.wait(timeout=1200) == 0, (tmp_path / "a.err").read_text()[-4000:]
     finally:
         for p in (a, b):
             if p.poll() is None:
-                _kill_tree(p)
+                kill_tree(p)
     _run(_cmd(_cfg(tmp_path, "replay", steps=STEPS, save_every=2), run_b, "--resume"))
 
     m_off, m_rec, m_a, m_b = (_metrics(r) for r in (run_off, run_rec, run_a, run_b))

@@ -3,6 +3,7 @@ versioned weights, SGLang's slow-down hook, pushes."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -45,3 +46,28 @@ def wait_in_flight(front, th):
 def push(transport, actor, version):
     actor.version = version
     return transport.push(version)
+
+
+def generate_across_a_push(generate, setup, front, transport, actor, version):
+    """Run ``generate()`` in a thread on slowed-down servers, push ``version`` once its requests
+    are in flight, and return its result (an error it raised is re-raised here)."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["result"] = generate()
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            out["error"] = e
+
+    slow_down(setup.servers, 0.05)
+    th = threading.Thread(target=run)
+    try:
+        th.start()
+        wait_in_flight(front, th)  # then push under the running generation
+        push(transport, actor, version)
+    finally:
+        slow_down(setup.servers, None)
+        th.join(600)
+    if "error" in out:
+        raise out["error"]
+    return out["result"]

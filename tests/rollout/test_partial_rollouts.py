@@ -6,8 +6,6 @@ each version's weights (and shown far from the other version's, so the check can
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
@@ -18,7 +16,7 @@ from drpo_megatron.rollout.router import RolloutSetup
 from drpo_megatron.rollout.server import ServerConfig
 from drpo_megatron.weights.sync import PausedTransport, one_server_resync
 from drpo_megatron.weights.transport import build_transport
-from server_helpers import VersionedActor, push, slow_down, wait_in_flight
+from server_helpers import VersionedActor, generate_across_a_push, push
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(torch.cuda.is_available(), reason="CPU SGLang server test")]
@@ -95,26 +93,10 @@ def test_a_push_mid_generation_continues_the_responses_on_the_new_weights(server
     ids = [p for p in prompts for _ in range(2)]
     params = [{"n": 1, "temperature": 1.0, "max_new_tokens": MAX_NEW, "ignore_eos": True,
                "sampling_seed": 1000 + i} for i in range(len(ids))]
-    out: dict = {}
-
-    def generate():
-        try:
-            out["outs"] = partial.generate(ids, params)
-        except BaseException as e:  # noqa: BLE001 - re-raised below
-            out["error"] = e
-
-    slow_down(setup.servers, 0.05)
-    th = threading.Thread(target=generate)
-    try:
-        th.start()
-        wait_in_flight(front, th)  # then push version 2 under the running generation
-        push(transport, actor, 2)
-    finally:
-        slow_down(setup.servers, None)
-        th.join(600)
-    assert "error" not in out, out.get("error")
+    outs = generate_across_a_push(lambda: partial.generate(ids, params), setup, front, transport,
+                                  actor, 2)
     samples = [parse_sample(o, group_id=i, prompt_ids=ids[i], answer="", server_name="s")
-               for i, o in enumerate(out["outs"])]
+               for i, o in enumerate(outs)]
     assert partial.continued > 0, "no response was in flight during the push"
     cut = []
     for s in samples:

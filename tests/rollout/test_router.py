@@ -27,7 +27,7 @@ from drpo_megatron.rollout.server import ServerConfig
 from drpo_megatron.rollout.verify import probe_server
 from drpo_megatron.weights.sync import PausedTransport, one_server_resync
 from drpo_megatron.weights.transport import build_transport
-from server_helpers import VersionedActor, push, slow_down, wait_in_flight
+from server_helpers import VersionedActor, generate_across_a_push, push, slow_down, wait_in_flight
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(torch.cuda.is_available(), reason="CPU SGLang server test")]
@@ -93,26 +93,9 @@ def test_groups_after_sync_carry_the_version(rollout, prompts):
 def test_push_during_generation_never_mixes_versions(rollout, prompts):
     setup, front, transport, actor = rollout
     push(transport, actor, 2)
-    out: dict = {}
     params = {"n": 4, "temperature": 1.0, "max_new_tokens": 200, "ignore_eos": True}
-
-    def generate():
-        try:
-            out["outs"] = front.generate(prompts, params)
-        except BaseException as e:  # noqa: BLE001 - re-raised below
-            out["error"] = e
-
-    slow_down(setup.servers, 0.05)
-    th = threading.Thread(target=generate)
-    try:
-        th.start()
-        wait_in_flight(front, th)  # then push version 3 under the running generation
-        push(transport, actor, 3)
-    finally:
-        slow_down(setup.servers, None)
-        th.join(600)
-    assert "error" not in out, out.get("error")
-    outs = out["outs"]
+    outs = generate_across_a_push(lambda: front.generate(prompts, params), setup, front,
+                                  transport, actor, 3)
     assert len(outs) == len(prompts) * 4
     for o in outs:
         meta = o["meta_info"]
