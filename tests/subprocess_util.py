@@ -81,3 +81,15 @@ def kill_tree(proc: subprocess.Popen) -> None:
         except (ProcessLookupError, PermissionError):
             pass
     proc.wait(timeout=60)
+
+
+def build_tiny_policy(cache_dir, timeout: float = 600) -> None:
+    """Build the warm-started tiny policy of :func:`small_run_config` into ``cache_dir`` once,
+    before runs that share it start at the same time (each would build it otherwise)."""
+    subprocess.run([sys.executable, "-c",
+                    "import sys; from drpo_megatron.platform import apply_cpu_compat; "
+                    "apply_cpu_compat(); from drpo_megatron.models.tiny import "
+                    "TinyModelConfig, ensure_tiny_checkpoint; "
+                    "ensure_tiny_checkpoint(sys.argv[1], TinyModelConfig(sft_steps=60), "
+                    "show_progress=False)", str(cache_dir)],
+                   cwd=ROOT, env=worker_env(), check=True, timeout=timeout)

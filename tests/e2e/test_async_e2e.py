@@ -5,9 +5,10 @@ actor, ``drpo train``):
 * with K = 1 and K = 2 (partial rollouts on) no trained sample is more than K weight versions
   old, per token, and every token's version is one the trainer had pushed by then (K = 1 and a
   separate K = 2 run: ``-m extended``; the default suite checks K = 2 in the next test);
-* kill -9 in the middle of an async run (K = 2, partial rollouts, eval while the producer
-  generates) and ``--resume``: from rollouts.jsonl, every prompt draw of the run is trained
-  exactly once (none lost, none twice), in cursor order, within the bound.
+* kill -9 of the trainer in the middle of an async run (K = 2, partial rollouts, eval while the
+  producer generates): its servers go with it (tether), and ``--resume`` trains every prompt draw
+  of the run exactly once (none lost, none twice; from rollouts.jsonl), in cursor order, within
+  the bound, each step logged once.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from subprocess_util import ROOT, drpo_train_cmd, kill_tree, small_run_config, worker_env
+from subprocess_util import ROOT, build_tiny_policy, drpo_train_cmd, kill_tree, small_run_config, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -40,6 +41,21 @@ def metrics(run: Path) -> dict[int, dict]:
     return out
 
 
+def servers_of(cache: Path) -> list:
+    """Live SGLang server / tether processes of this test's policy (named in their command line)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+        except psutil.Error:
+            continue
+        if str(cache) in cmd and ("sglang" in cmd or "tether" in cmd):
+            found.append(p)
+    return found
+
+
 def token_lags(r: dict) -> list[int]:
     versions = r.get("token_versions") or [int(r["weight_version"])] * len(r["response_ids"])
     return [r["step"] - 1 - v for v in versions]
@@ -56,12 +72,26 @@ def check_every_prompt_once(records: list[dict], steps: int) -> None:
         assert sorted(idx) == want, (s, sorted(idx))
 
 
-def test_k0_async_equals_sync(tmp_path, drpo_train):
-    runs = {}
+def test_k0_async_equals_sync(tmp_path):
+    # both runs at once (the samples depend on seeds and weights only, not on timing)
+    build_tiny_policy(tmp_path / "cache")
+    procs, runs = {}, {}
     for mode in ("sync", "async"):
         cfg = small_run_config(tmp_path / "cache", steps=3,
                                rollout={"mode": mode, "max_staleness": 0})
-        runs[mode] = drpo_train(cfg, tmp_path, name=mode)
+        path = tmp_path / f"{mode}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        runs[mode] = tmp_path / mode
+        procs[mode] = subprocess.Popen(drpo_train_cmd(path, runs[mode]), cwd=ROOT,
+                                       env=worker_env(), stdout=subprocess.DEVNULL,
+                                       stderr=open(tmp_path / f"{mode}.err", "w"))
+    try:
+        for mode, proc in procs.items():
+            assert proc.wait(timeout=1200) == 0, (tmp_path / f"{mode}.err").read_text()[-4000:]
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                kill_tree(proc)
     a, b = rows(runs["sync"]), rows(runs["async"])
     key = ("step", "group_id", "prompt_ids", "response_ids", "rollout_logp", "weight_version",
            "reward", "advantage")
@@ -121,10 +151,15 @@ def test_kill9_and_resume_train_every_prompt_once(tmp_path):
             assert proc.poll() is None, err.read_text()[-4000:]
             assert time.time() < deadline, "no checkpoint in 900 s"
             time.sleep(0.2)
-        kill_tree(proc)
+        proc.kill()  # SIGKILL the trainer alone: no clean-up code runs
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             kill_tree(proc)
+    deadline = time.time() + 60  # its servers die with it (rollout/tether.py)
+    while servers_of(tmp_path / "cache"):
+        assert time.time() < deadline, f"servers left running: {servers_of(tmp_path / 'cache')}"
+        time.sleep(0.5)
     assert max(metrics(run)) < steps  # really interrupted
     saved = torch.load(state, weights_only=True)
     extra = saved.get("extra_state", saved)
@@ -137,3 +172,7 @@ def test_kill9_and_resume_train_every_prompt_once(tmp_path):
     records = rows(run)  # rolled back to the checkpoint on resume, then appended
     check_every_prompt_once(records, steps)
     check_bound(records, metrics(run), 2)
+    logged = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+              if "loss/policy_loss" in x]
+    assert logged == list(range(1, steps + 1))  # each step logged once
+    assert not servers_of(tmp_path / "cache")

@@ -103,6 +103,7 @@ def test_single_server_killed_mid_run_is_restarted(tmp_path, cache):
     assert not _server_processes(cache)
 
 
+@pytest.mark.extended  # the default suite checks the same in tests/e2e/test_async_e2e.py (kill -9)
 def test_killed_trainer_leaves_no_server_and_resume_records_each_step_once(tmp_path, cache):
     out = tmp_path / "run"
     cfg = _cfg(tmp_path, cache, steps=5, save_every=2)

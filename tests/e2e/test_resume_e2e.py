@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from subprocess_util import drpo_train_cmd, kill_tree, small_run_config, worker_env
+from subprocess_util import build_tiny_policy, drpo_train_cmd, kill_tree, small_run_config, worker_env
 import yaml
 
 pytestmark = pytest.mark.slow
@@ -59,14 +58,7 @@ def _losses(run: Path) -> dict[int, dict]:
 
 
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
-    # build the warm-started policy once (both runs share the cache)
-    subprocess.run([sys.executable, "-c",
-                    "import sys; from drpo_megatron.platform import apply_cpu_compat; "
-                    "apply_cpu_compat(); from drpo_megatron.models.tiny import "
-                    "TinyModelConfig, ensure_tiny_checkpoint; "
-                    "ensure_tiny_checkpoint(sys.argv[1], TinyModelConfig(sft_steps=60), "
-                    "show_progress=False)", str(tmp_path / "cache")],
-                   cwd=ROOT, env=_env(), check=True, timeout=600)
+    build_tiny_policy(tmp_path / "cache")  # once: both runs share the cache
     run_a, run_b = tmp_path / "a", tmp_path / "b"
     a = subprocess.Popen(_cmd(_cfg(tmp_path, 0), run_a), cwd=ROOT, env=_env(),
                          stdout=subprocess.DEVNULL, stderr=open(tmp_path / "a.err", "w"))
