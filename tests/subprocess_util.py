@@ -93,3 +93,32 @@ def build_tiny_policy(cache_dir, timeout: float = 600) -> None:
                     "ensure_tiny_checkpoint(sys.argv[1], TinyModelConfig(sft_steps=60), "
                     "show_progress=False)", str(cache_dir)],
                    cwd=ROOT, env=worker_env(), check=True, timeout=timeout)
+
+
+def step_metrics(run) -> dict:
+    """The last logged training metrics of each step >= 1 of a run directory (a killed run may
+    have logged a step past its checkpoint; the resumed run's row comes last)."""
+    import json
+
+    out = {}
+    for line in (Path(run) / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        if m.get("step", 0) >= 1 and "loss/policy_loss" in m:
+            out[m["step"]] = m
+    return out
+
+
+def server_processes(cache) -> list:
+    """Live SGLang server / tether processes serving the policy in ``cache`` (their command line
+    names it)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+        except psutil.Error:
+            continue
+        if str(cache) in cmd and ("sglang" in cmd or "tether" in cmd):
+            found.append(p)
+    return found

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from subprocess_util import ROOT, build_tiny_policy, drpo_train_cmd, kill_tree, small_run_config, worker_env
+from subprocess_util import (ROOT, build_tiny_policy, drpo_train_cmd, kill_tree, server_processes,
+                             small_run_config, step_metrics, worker_env)
 
 pytestmark = pytest.mark.slow
 
@@ -30,30 +31,6 @@ PROMPTS, N = 4, 4  # small_run_config: rollout.prompts_per_step x samples_per_pr
 
 def rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
-
-
-def metrics(run: Path) -> dict[int, dict]:
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        m = json.loads(line)
-        if m.get("step", 0) >= 1 and "loss/policy_loss" in m:
-            out[m["step"]] = m
-    return out
-
-
-def servers_of(cache: Path) -> list:
-    """Live SGLang server / tether processes of this test's policy (named in their command line)."""
-    import psutil
-
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            cmd = " ".join(p.info["cmdline"] or [])
-        except psutil.Error:
-            continue
-        if str(cache) in cmd and ("sglang" in cmd or "tether" in cmd):
-            found.append(p)
-    return found
 
 
 def token_lags(r: dict) -> list[int]:
@@ -96,7 +73,7 @@ def test_k0_async_equals_sync(tmp_path):
     key = ("step", "group_id", "prompt_ids", "response_ids", "rollout_logp", "weight_version",
            "reward", "advantage")
     assert [tuple(r[k] for k in key) for r in a] == [tuple(r[k] for k in key) for r in b]
-    ma, mb = metrics(runs["sync"]), metrics(runs["async"])
+    ma, mb = step_metrics(runs["sync"]), step_metrics(runs["async"])
     for step in (1, 2, 3):
         assert mb[step]["rollout/staleness_max"] == 0.0
         for k in ("loss/policy_loss", "loss/grad_norm", "mismatch/logprob_abs_diff"):
@@ -128,7 +105,7 @@ def test_no_sample_exceeds_max_staleness(tmp_path, drpo_train, k, partial):
                            loss={"horizon": 24}, train={"eval_every": 2})
     run = drpo_train(cfg, tmp_path, name=f"k{k}")
     records = rows(run)
-    check_bound(records, metrics(run), k)
+    check_bound(records, step_metrics(run), k)
     check_every_prompt_once(records, steps)
 
 
@@ -157,10 +134,10 @@ def test_kill9_and_resume_train_every_prompt_once(tmp_path):
         if proc.poll() is None:
             kill_tree(proc)
     deadline = time.time() + 60  # its servers die with it (rollout/tether.py)
-    while servers_of(tmp_path / "cache"):
-        assert time.time() < deadline, f"servers left running: {servers_of(tmp_path / 'cache')}"
+    while server_processes(tmp_path / "cache"):
+        assert time.time() < deadline, f"servers left running: {server_processes(tmp_path / 'cache')}"
         time.sleep(0.5)
-    assert max(metrics(run)) < steps  # really interrupted
+    assert max(step_metrics(run)) < steps  # really interrupted
     saved = torch.load(state, weights_only=True)
     extra = saved.get("extra_state", saved)
     pending = [b["step"] for b in extra.get("pending_batches", [])]
@@ -171,8 +148,8 @@ def test_kill9_and_resume_train_every_prompt_once(tmp_path):
     assert done.returncode == 0, done.stderr[-5000:]
     records = rows(run)  # rolled back to the checkpoint on resume, then appended
     check_every_prompt_once(records, steps)
-    check_bound(records, metrics(run), 2)
+    check_bound(records, step_metrics(run), 2)
     logged = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
               if "loss/policy_loss" in x]
     assert logged == list(range(1, steps + 1))  # each step logged once
-    assert not servers_of(tmp_path / "cache")
+    assert not server_processes(tmp_path / "cache")

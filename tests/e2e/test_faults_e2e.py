@@ -20,10 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
-from subprocess_util import ROOT, small_run_config, worker_env
+from subprocess_util import ROOT, server_processes, small_run_config, worker_env
 
 from drpo_megatron.training.checkpoint import find_checkpoint, read_trainer_state
 
@@ -68,27 +67,13 @@ def _steps(path: Path) -> list[int]:
     return [json.loads(x)["step"] for x in path.read_text().splitlines() if x.strip()]
 
 
-def _server_processes(cache: Path) -> list[psutil.Process]:
-    """SGLang server / tether processes serving this module's policy (their command line names
-    the policy checkpoint in ``cache``; the tests of this module run one at a time)."""
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            cmd = " ".join(p.info["cmdline"] or [])
-        except psutil.Error:
-            continue
-        if str(cache) in cmd and ("sglang" in cmd or "tether" in cmd):
-            found.append(p)
-    return found
-
-
 def test_single_server_killed_mid_run_is_restarted(tmp_path, cache):
     out = tmp_path / "run"
     proc = _start(_cfg(tmp_path, cache, steps=4), out)
     try:
         _wait_for(lambda: (out / "metrics.jsonl").exists() and len(_steps(out / "metrics.jsonl")) >= 1,
                   RUN_TIMEOUT_S, "step 1", proc)
-        victims = [p for p in _server_processes(cache)  # the server itself, not its tether
+        victims = [p for p in server_processes(cache)  # the server itself, not its tether
                    if any(w in " ".join(p.cmdline()) for w in ("launch_server", "rollout.launch sglang"))]
         assert victims, "no SGLang server found"
         for v in victims:
@@ -100,7 +85,7 @@ def test_single_server_killed_mid_run_is_restarted(tmp_path, cache):
     log = (out / "logs" / "trainer.log").read_text()
     assert "restarting sglang-0" in log, log[-3000:]
     assert _steps(out / "metrics.jsonl") == [1, 2, 3, 4]
-    assert not _server_processes(cache)
+    assert not server_processes(cache)
 
 
 @pytest.mark.extended  # the default suite checks the same in tests/e2e/test_async_e2e.py (kill -9)
@@ -112,14 +97,14 @@ def test_killed_trainer_leaves_no_server_and_resume_records_each_step_once(tmp_p
               and len(_steps(out / "metrics.jsonl")) >= 3, RUN_TIMEOUT_S, "step 3", proc)
     proc.kill()  # SIGKILL: no clean-up code runs
     proc.wait(timeout=60)
-    _wait_for(lambda: not _server_processes(cache), 30, "the orphaned servers to go")
+    _wait_for(lambda: not server_processes(cache), 30, "the orphaned servers to go")
     resumed = subprocess.run([sys.executable, "-m", "drpo_megatron.cli", "train", "--config", str(cfg),
                               "--output-dir", str(out), "--resume"], cwd=ROOT, env=worker_env(),
                              capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     assert _steps(out / "metrics.jsonl") == [1, 2, 3, 4, 5]
     assert _steps(out / "rollouts.jsonl") == [s for s in range(1, 6) for _ in range(16)]
-    assert not _server_processes(cache)
+    assert not server_processes(cache)
 
 
 def test_sigterm_during_startup_stops_at_once(tmp_path, cache):
@@ -137,7 +122,7 @@ def test_sigterm_during_startup_stops_at_once(tmp_path, cache):
             proc.kill()
     assert "during start-up" in _console(out)
     assert "Traceback" not in _console(out)
-    _wait_for(lambda: not _server_processes(cache), 30, "the servers to stop")
+    _wait_for(lambda: not server_processes(cache), 30, "the servers to stop")
 
 
 def test_unwritable_checkpoint_directory_stops_clearly_with_the_last_checkpoint_intact(tmp_path, cache):
@@ -182,4 +167,4 @@ def test_non_finite_loss_stops_clearly(tmp_path, cache):
     assert "non-finite loss or gradient" in text and "train.max_nonfinite_updates=1" in text
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(r["loss/nonfinite_skipped"] >= 1 for r in rows)
-    assert not _server_processes(cache)
+    assert not server_processes(cache)

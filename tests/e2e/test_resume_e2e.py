@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
-from subprocess_util import build_tiny_policy, drpo_train_cmd, kill_tree, small_run_config, worker_env
+from subprocess_util import build_tiny_policy, drpo_train_cmd, kill_tree, small_run_config, step_metrics, worker_env
 import yaml
 
 pytestmark = pytest.mark.slow
@@ -47,16 +47,6 @@ _cmd = drpo_train_cmd
 _env = worker_env
 
 
-def _losses(run: Path) -> dict[int, dict]:
-    """Last logged metrics per step (a killed run may have logged a step past its checkpoint)."""
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        m = json.loads(line)
-        if m.get("step", 0) >= 1 and "loss/policy_loss" in m:
-            out[m["step"]] = m
-    return out
-
-
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     build_tiny_policy(tmp_path / "cache")  # once: both runs share the cache
     run_a, run_b = tmp_path / "a", tmp_path / "b"
@@ -71,7 +61,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
             assert time.time() < deadline, "no step-3 checkpoint in 900 s"
             time.sleep(0.5)
         kill_tree(b)
-        assert max(_losses(run_b)) < STEPS  # really interrupted
+        assert max(step_metrics(run_b)) < STEPS  # really interrupted
         assert a.wait(timeout=1200) == 0, (tmp_path / "a.err").read_text()[-4000:]
     finally:
         for p in (a, b):
@@ -82,7 +72,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert proc.returncode == 0, proc.stderr[-5000:]
     log = (run_b / "logs" / "trainer.log").read_text()
     assert "resumed from" in log and "continuing at step 4" in log
-    la, lb = _losses(run_a), _losses(run_b)
+    la, lb = step_metrics(run_a), step_metrics(run_b)
     assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
     ra, rb = _rollouts(run_a), _rollouts(run_b)
     # samples of one prompt differ (per-sample seeds)

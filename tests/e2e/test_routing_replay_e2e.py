@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import pytest
-from subprocess_util import drpo_train_cmd, kill_tree, small_run_config, worker_env
+from subprocess_util import drpo_train_cmd, kill_tree, small_run_config, step_metrics, worker_env
 import yaml
 
 pytestmark = pytest.mark.slow
@@ -50,15 +50,6 @@ def _cfg(root: Path, mode: str, *, steps: int, save_every: int = 0) -> Path:
 
 _cmd = drpo_train_cmd
 _env = worker_env
-
-
-def _metrics(run: Path) -> dict[int, dict]:
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        m = json.loads(line)
-        if m.get("step", 0) >= 1 and "loss/policy_loss" in m:
-            out[m["step"]] = m
-    return out
 
 
 def _rollouts(run: Path) -> dict[int, list[dict]]:
@@ -103,7 +94,7 @@ def test_routing_replay_off_record_replay_and_resume(tmp_path):
             assert time.time() < deadline, "no step-2 checkpoint in 900 s"
             time.sleep(0.5)
         kill_tree(b)
-        assert max(_metrics(run_b), default=0) < STEPS  # really interrupted
+        assert max(step_metrics(run_b), default=0) < STEPS  # really interrupted
         assert a.wait(timeout=1200) == 0, (tmp_path / "a.err").read_text()[-4000:]
     finally:
         for p in (a, b):
@@ -111,7 +102,7 @@ def test_routing_replay_off_record_replay_and_resume(tmp_path):
                 kill_tree(p)
     _run(_cmd(_cfg(tmp_path, "replay", steps=STEPS, save_every=2), run_b, "--resume"))
 
-    m_off, m_rec, m_a, m_b = (_metrics(r) for r in (run_off, run_rec, run_a, run_b))
+    m_off, m_rec, m_a, m_b = (step_metrics(r) for r in (run_off, run_rec, run_a, run_b))
     r_off, r_rec, r_a, r_b = (_rollouts(r) for r in (run_off, run_rec, run_a, run_b))
 
     # step 1: the same samples in all three runs (a paired comparison)

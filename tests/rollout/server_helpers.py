@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -71,3 +72,29 @@ def generate_across_a_push(generate, setup, front, transport, actor, version):
     if "error" in out:
         raise out["error"]
     return out["result"]
+
+
+@contextmanager
+def versioned_rollout(cfg, policy, tmp):
+    """The servers of ``cfg`` (a RolloutConfig) through RolloutSetup, what build_run uses, with a
+    tensor transport of a :class:`VersionedActor` in the pause bracket; yields
+    ``(setup, front, transport, actor)`` and stops the servers after."""
+    from drpo_megatron.rollout.router import RolloutSetup
+    from drpo_megatron.weights.sync import PausedTransport, one_server_resync
+    from drpo_megatron.weights.transport import build_transport
+
+    actor = VersionedActor(policy)
+    setup = RolloutSetup(cfg, policy, tmp / "logs")
+    try:
+        setup.start()
+        setup.wait_ready()
+
+        def make(servers):
+            return build_transport("tensor", actor, servers, tmp / "weights", bucket_mb=1)
+
+        transport = PausedTransport(make(setup.servers), setup.servers)
+        front = setup.front(one_server_resync(make), current_version=lambda: transport.version,
+                            max_attempts=3)
+        yield setup, front, transport, actor
+    finally:
+        setup.stop()

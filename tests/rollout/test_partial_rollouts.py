@@ -11,12 +11,9 @@ import torch
 
 from drpo_megatron.config import RolloutConfig
 from drpo_megatron.rollout.engine import parse_sample
-from drpo_megatron.rollout.partial import PartialFront, version_boundaries
-from drpo_megatron.rollout.router import RolloutSetup
 from drpo_megatron.rollout.server import ServerConfig
-from drpo_megatron.weights.sync import PausedTransport, one_server_resync
-from drpo_megatron.weights.transport import build_transport
-from server_helpers import VersionedActor, generate_across_a_push, push
+from drpo_megatron.rollout.partial import PartialFront, version_boundaries
+from server_helpers import versioned_rollout, generate_across_a_push, push
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(torch.cuda.is_available(), reason="CPU SGLang server test")]
@@ -32,23 +29,10 @@ SAME_VERSION_MAX_ATOL = 0.5
 @pytest.fixture(scope="module")
 def server(policy, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("partial")
-    actor = VersionedActor(policy)
     cfg = RolloutConfig(num_servers=1, server=ServerConfig(startup_timeout_s=240,
                                                            request_timeout_s=120))
-    setup = RolloutSetup(cfg, policy, tmp / "logs")
-    try:
-        setup.start()
-        setup.wait_ready()
-
-        def make(servers):
-            return build_transport("tensor", actor, servers, tmp / "weights", bucket_mb=1)
-
-        transport = PausedTransport(make(setup.servers), setup.servers)
-        front = setup.front(one_server_resync(make), current_version=lambda: transport.version,
-                            max_attempts=3)
-        yield setup, front, transport, actor
-    finally:
-        setup.stop()
+    with versioned_rollout(cfg, policy, tmp) as rollout:
+        yield rollout
 
 
 @pytest.fixture(scope="module")

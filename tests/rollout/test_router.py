@@ -25,9 +25,9 @@ from drpo_megatron.rollout.engine import generate_groups, rollout_metrics
 from drpo_megatron.rollout.router import RolloutSetup, RouterError, RouterFleet, SGLangRouter
 from drpo_megatron.rollout.server import ServerConfig
 from drpo_megatron.rollout.verify import probe_server
-from drpo_megatron.weights.sync import PausedTransport, one_server_resync
+from drpo_megatron.weights.sync import PausedTransport
 from drpo_megatron.weights.transport import build_transport
-from server_helpers import VersionedActor, generate_across_a_push, push, slow_down, wait_in_flight
+from server_helpers import VersionedActor, versioned_rollout, generate_across_a_push, push, slow_down, wait_in_flight
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(torch.cuda.is_available(), reason="CPU SGLang server test")]
@@ -53,21 +53,8 @@ def rollout(policy, tmp_path_factory):
     """Two servers + a launched sglang-router, through RolloutSetup (what build_run
     uses), with a tensor transport wrapped in the pause bracket."""
     tmp = tmp_path_factory.mktemp("router")
-    actor = VersionedActor(policy)
-    setup = RolloutSetup(rollout_cfg(), policy, tmp / "logs")
-    try:
-        setup.start()
-        setup.wait_ready()
-
-        def make(servers):
-            return build_transport("tensor", actor, servers, tmp / "weights", bucket_mb=1)
-
-        transport = PausedTransport(make(setup.servers), setup.servers)
-        front = setup.front(one_server_resync(make), current_version=lambda: transport.version,
-                            max_attempts=3)
-        yield setup, front, transport, actor
-    finally:
-        setup.stop()
+    with versioned_rollout(rollout_cfg(), policy, tmp) as rollout:
+        yield rollout
 
 
 def test_groups_after_sync_carry_the_version(rollout, prompts):
