@@ -14,7 +14,7 @@ per-sample seeds), so their step-1 metrics are a paired comparison:
   measured by the hook on Megatron's router, see training/routing_replay.py) and
   ``mismatch/logprob_abs_diff`` is below off's.
 
-Then kill -9 and resume with replay (the pattern of test_resume_e2e.py): run B saves at step 2,
+Then (with `-m extended`) kill -9 and resume with replay (the pattern of test_resume_e2e.py): run B saves at step 2,
 is killed in step 3 and resumed; steps 3-4 draw the same samples, with the same routes, and give
 the same losses as the uninterrupted replay run A (rel 1e-6, as the resume test).
 """
@@ -70,7 +70,7 @@ def _run(cmd: list[str], timeout: float = 1200) -> None:
     assert proc.returncode == 0, proc.stderr[-5000:]
 
 
-def test_routing_replay_off_record_replay_and_resume(tmp_path):
+def _build_policy(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-c",
                     "import sys; from drpo_megatron.platform import apply_cpu_compat; "
                     "apply_cpu_compat(); from drpo_megatron.models.tiny import "
@@ -78,33 +78,33 @@ def test_routing_replay_off_record_replay_and_resume(tmp_path):
                     "ensure_tiny_checkpoint(sys.argv[1], TinyModelConfig(sft_steps=60), "
                     "show_progress=False)", str(tmp_path / "cache")],
                    cwd=ROOT, env=_env(), check=True, timeout=600)
-    run_off, run_rec = tmp_path / "off", tmp_path / "record"
-    run_a, run_b = tmp_path / "replay_a", tmp_path / "replay_b"
-    _run(_cmd(_cfg(tmp_path, "off", steps=1), run_off))
-    _run(_cmd(_cfg(tmp_path, "record", steps=1), run_rec))
-    a = subprocess.Popen(_cmd(_cfg(tmp_path, "replay", steps=STEPS), run_a), cwd=ROOT, env=_env(),
-                         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "a.err", "w"))
-    b = subprocess.Popen(_cmd(_cfg(tmp_path, "replay", steps=STEPS, save_every=2), run_b),
-                         cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                         stderr=open(tmp_path / "b.err", "w"))
+
+
+def _run_all(tmp_path: Path, cmds: dict[str, list[str]], timeout: float = 1200) -> None:
+    """The runs at the same time (each one server and one trainer; they share the cores)."""
+    procs = {name: subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                                    stderr=open(tmp_path / f"{name}.err", "w"))
+             for name, cmd in cmds.items()}
     try:
-        deadline = time.time() + 900
-        while not (run_b / "checkpoint" / "trainer_state.pt").exists():
-            assert b.poll() is None, (tmp_path / "b.err").read_text()[-4000:]
-            assert time.time() < deadline, "no step-2 checkpoint in 900 s"
-            time.sleep(0.5)
-        kill_tree(b)
-        assert max(step_metrics(run_b), default=0) < STEPS  # really interrupted
-        assert a.wait(timeout=1200) == 0, (tmp_path / "a.err").read_text()[-4000:]
+        for name, p in procs.items():
+            assert p.wait(timeout=timeout) == 0, (tmp_path / f"{name}.err").read_text()[-4000:]
     finally:
-        for p in (a, b):
+        for p in procs.values():
             if p.poll() is None:
                 kill_tree(p)
-    _run(_cmd(_cfg(tmp_path, "replay", steps=STEPS, save_every=2), run_b, "--resume"))
 
-    m_off, m_rec, m_a, m_b = (step_metrics(r) for r in (run_off, run_rec, run_a, run_b))
-    r_off, r_rec, r_a, r_b = (_rollouts(r) for r in (run_off, run_rec, run_a, run_b))
 
+def test_routing_replay_off_record_replay(tmp_path):
+    """Off / record / replay: step 1 is a paired comparison (the same samples); replay keeps the
+    trainer on the engine's experts at step 2 too, after a push of new weights."""
+    _build_policy(tmp_path)
+    runs = {mode: tmp_path / mode for mode in ("off", "record", "replay")}
+    _run_all(tmp_path, {"off": _cmd(_cfg(tmp_path, "off", steps=1), runs["off"]),
+                        "record": _cmd(_cfg(tmp_path, "record", steps=1), runs["record"]),
+                        "replay": _cmd(_cfg(tmp_path, "replay", steps=2), runs["replay"])})
+    m_off, m_rec, m_a = (step_metrics(runs[k]) for k in ("off", "record", "replay"))
+    r_off, r_rec, r_a = (_rollouts(runs[k]) for k in ("off", "record", "replay"))
+    assert sorted(m_a) == [1, 2]
     # step 1: the same samples in all three runs (a paired comparison)
     assert [_sample(r) for r in r_off[1]] == [_sample(r) for r in r_rec[1]] == \
         [_sample(r) for r in r_a[1]]
@@ -140,6 +140,36 @@ def test_routing_replay_off_record_replay_and_resume(tmp_path):
         rep["mismatch/logprob_abs_diff"], m_off[1]["mismatch/logprob_abs_diff"])
     assert all(m_a[s]["mismatch/moe/route_mismatch_frac"] == 0.0 for s in m_a)
 
+
+
+@pytest.mark.extended  # replay itself: the test above; resume exactness: test_resume_e2e.py
+def test_routing_replay_kill_and_resume_equals_uninterrupted(tmp_path):
+    """Run B (replay, saves at step 2) is killed in step 3 and resumed; every step draws the
+    same samples with the same routes, and gives the same losses, as the uninterrupted run A."""
+    _build_policy(tmp_path)
+    run_a, run_b = tmp_path / "replay_a", tmp_path / "replay_b"
+    a = subprocess.Popen(_cmd(_cfg(tmp_path, "replay", steps=STEPS), run_a), cwd=ROOT, env=_env(),
+                         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "a.err", "w"))
+    b = subprocess.Popen(_cmd(_cfg(tmp_path, "replay", steps=STEPS, save_every=2), run_b),
+                         cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                         stderr=open(tmp_path / "b.err", "w"))
+    try:
+        deadline = time.time() + 900
+        while not (run_b / "checkpoint" / "trainer_state.pt").exists():
+            assert b.poll() is None, (tmp_path / "b.err").read_text()[-4000:]
+            assert time.time() < deadline, "no step-2 checkpoint in 900 s"
+            time.sleep(0.5)
+        kill_tree(b)
+        assert max(step_metrics(run_b), default=0) < STEPS  # really interrupted
+        assert a.wait(timeout=1200) == 0, (tmp_path / "a.err").read_text()[-4000:]
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                kill_tree(p)
+    _run(_cmd(_cfg(tmp_path, "replay", steps=STEPS, save_every=2), run_b, "--resume"))
+    m_a, m_b = step_metrics(run_a), step_metrics(run_b)
+    r_a, r_b = _rollouts(run_a), _rollouts(run_b)
+    assert all(m_a[s]["mismatch/moe/route_mismatch_frac"] == 0.0 for s in m_a)
     # kill -9 + resume with replay: identical samples (routes included) and losses
     log = (run_b / "logs" / "trainer.log").read_text()
     assert "resumed from" in log and "continuing at step 3" in log

@@ -164,7 +164,7 @@ def test_submit_embedded_job_completes(cluster):
 
 
 def test_usr1_checkpoints_requeues_and_resumes(cluster):
-    steps = 20  # 1-5 s per step with a save each: time to signal mid-run
+    steps = 10  # 1-5 s per step with a save each: time to signal mid-run (sent after the first save)
     job, run = cluster.submit("preempt", steps=steps, save_every=1)
     trainer_log = run / "logs" / "trainer.log"
     saved = re.compile(r"saved checkpoint of step (\d+)")

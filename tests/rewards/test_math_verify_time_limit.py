@@ -36,6 +36,7 @@ def _sample(text: str, answer: str) -> Sample:
     return s
 
 
+@pytest.mark.extended  # why the limit exists (upstream behaviour); the limit itself: the next test
 def test_pathological_boxed_answer_runs_for_minutes_without_a_limit():
     code = ("import sys; from drpo_megatron.rewards.math_reward import boxed_math_reward; "
             "boxed_math_reward(sys.argv[1], '3', timeout_s=None)")

@@ -179,6 +179,7 @@ def test_colocated_step_with_real_server(policy, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # release/resume around a push: the real-server test above; recompute: test_recompute.py
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU run")
 def test_drpo_train_colocated_with_full_recompute(tmp_path, drpo_train, monkeypatch):
     """The loop's wiring: ``drpo train`` with ``rollout.colocate`` releases the server before every

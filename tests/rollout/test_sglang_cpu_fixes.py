@@ -112,6 +112,7 @@ def test_sgl_kernel_stub_murmur_hash_matches_murmur3():
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # the default suite relies on it: tests/e2e/test_resume_e2e.py (fresh server after resume)
 def test_sampling_seed_reproducible_across_server_history(tmp_path):
     """A seeded request gives the same tokens and log-probs on a fresh server and on a server
     that sampled other requests before (the resume case); without the fix SGLang 0.5.23 on CPU

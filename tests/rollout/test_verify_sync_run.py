@@ -20,7 +20,8 @@ STEPS = 2
 @pytest.mark.parametrize("transport,precision,atol,num_servers", [
     pytest.param("tensor", "bf16", 0.15, 1, marks=pytest.mark.extended),  # tensor: test_transport_e2e
     ("distributed", "fp8_emulated", 0.5, 1),
-    ("distributed", "bf16", 0.15, 2)])
+    # two servers: test_router.py (pushes to both); the distributed transport: the case above
+    pytest.param("distributed", "bf16", 0.15, 2, marks=pytest.mark.extended)])
 def test_run_with_verified_sync(transport, precision, atol, num_servers, tmp_path):
     cfg = {
         "rollout": {"prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 8,

@@ -1,7 +1,8 @@
 """A tiny real study end to end: ``drpo study`` (the CLI, in a subprocess) runs 2 methods x 1
 condition (NVFP4-emulated rollout weights) x 1 seed x 2 steps, each an ordinary ``drpo train``
-run with a real SGLang server on CPU and the Megatron actor; then the study page, figures and
-aggregates read those runs, and a second ``drpo study`` skips both finished runs."""
+run with a real SGLang server on CPU and the Megatron actor (both at once: ``--parallel 2``);
+then the study page, figures and aggregates read those runs, and a second ``drpo study`` skips
+both finished runs."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def _drpo_study(spec: Path, out: Path, timeout: float) -> subprocess.CompletedPr
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return subprocess.run([sys.executable, "-m", "drpo_megatron.cli", "study", str(spec),
-                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                           "--out", str(out), "--parallel", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 

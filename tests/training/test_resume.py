@@ -18,6 +18,7 @@ from subprocess_util import run_python
 
 from drpo_megatron.config import ConfigError, RunConfig, load_config
 from drpo_megatron.data.prompts import PromptStream
+from drpo_megatron.rollout.async_rollout import BatchSource
 from drpo_megatron.rollout.engine import sampling_seed
 from drpo_megatron.trainer import resume
 
@@ -64,11 +65,17 @@ class _Transport:
         return {}
 
 
+def _not_generated(step):
+    raise AssertionError(f"resume must not generate (asked for step {step})")
+
+
 def _run(run_dir, mode="auto"):
     cfg = RunConfig()
     cfg.train.resume = mode
+    prompts = PromptStream([object()], tokenizer=None, seed=0)
+    batches = BatchSource(_not_generated, cursor_state=prompts.state_dict)  # the sync driver's
     return SimpleNamespace(cfg=cfg, run_dir=run_dir, actor=_Actor(), sync=_Transport(),
-                           prompts=PromptStream([object()], tokenizer=None, seed=0), driver=True)
+                           prompts=prompts, batches=batches, driver=True)
 
 
 def test_resume_modes(tmp_path):
@@ -83,6 +90,8 @@ def test_resume_modes(tmp_path):
     r = _run(tmp_path)
     assert resume(r) == 4
     assert r.prompts.cursor == 12 and r.prompts.order == [2, 0, 1]
+    assert r.batches.restored == {}  # a checkpoint without pending batches
+    assert r.batches.state_dict() == {"cursor": 12, "order": [2, 0, 1], "pending_batches": []}
     assert r.sync.pushed == [3]  # the loaded weights reach the server before step 4
     assert r.sync.verified == [3]  # ... and are checked there (rollout.verify_sync off)
 
