@@ -145,6 +145,7 @@ def _steps(run: Path) -> list[int]:
     return [r["step"] for r in rows if r.get("step", 0) >= 1 and "loss/policy_loss" in r]
 
 
+@pytest.mark.extended  # the USR1 test's job checks the same files and also completes (after a requeue)
 def test_submit_embedded_job_completes(cluster):
     job, run = cluster.submit("complete", steps=2)
     cluster.wait(job, run)
@@ -164,7 +165,7 @@ def test_submit_embedded_job_completes(cluster):
 
 
 def test_usr1_checkpoints_requeues_and_resumes(cluster):
-    steps = 10  # 1-5 s per step with a save each: time to signal mid-run (sent after the first save)
+    steps = 12  # 1-5 s per step with a save each: time to signal mid-run (sent after the first save)
     job, run = cluster.submit("preempt", steps=steps, save_every=1)
     trainer_log = run / "logs" / "trainer.log"
     saved = re.compile(r"saved checkpoint of step (\d+)")
@@ -190,3 +191,11 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster):
     assert log.index(pre.group(0)) < log.index(f"at step {k} (data cursor")
     # every step exactly once: 1..k by the first run, k+1..steps by the requeued one
     assert _steps(run) == list(range(1, steps + 1))
+    # what drpo submit leaves next to the job: the resolved config, per-node, per-rank and
+    # per-server logs
+    resolved = yaml.safe_load((logdir / "config.yaml").read_text())
+    assert resolved["output_dir"] == str(run) and resolved["train"]["max_steps"] == steps
+    assert resolved["parallel"]["num_nodes"] == 1 and resolved["parallel"]["rollout_nodes"] == 0
+    assert list((logdir / "trainer").glob("node-*.log")), "no per-node trainer log"
+    assert list((logdir / "trainer" / "ranks").rglob("stderr.log")), "no per-rank torchrun log"
+    assert (logdir / "rollout" / "sglang-0.log").stat().st_size > 0, "no per-server SGLang log"
