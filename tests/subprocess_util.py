@@ -83,6 +83,33 @@ def kill_tree(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
+def kill_after_checkpoint(ref_cmd: list[str], cmd: list[str], run, logs, *, steps: int,
+                          timeout: float = 900) -> None:
+    """Start the uninterrupted reference run ``ref_cmd`` and ``cmd`` (into ``run``) at once;
+    SIGKILL ``cmd`` (:func:`kill_tree`) once ``run`` holds a checkpoint, check it had not logged
+    all ``steps``, and wait for the reference to exit 0.  stderr goes to ``logs/{a,b}.err``."""
+    import time
+
+    logs = Path(logs)
+    a = subprocess.Popen(ref_cmd, cwd=ROOT, env=worker_env(), stdout=subprocess.DEVNULL,
+                         stderr=open(logs / "a.err", "w"))
+    b = subprocess.Popen(cmd, cwd=ROOT, env=worker_env(), stdout=subprocess.DEVNULL,
+                         stderr=open(logs / "b.err", "w"))
+    try:
+        deadline = time.time() + timeout
+        while not (Path(run) / "checkpoint" / "trainer_state.pt").exists():
+            assert b.poll() is None, (logs / "b.err").read_text()[-4000:]
+            assert time.time() < deadline, f"no checkpoint in {run} after {timeout:.0f} s"
+            time.sleep(0.5)
+        kill_tree(b)
+        assert max(step_metrics(run), default=0) < steps  # really interrupted
+        assert a.wait(timeout=1200) == 0, (logs / "a.err").read_text()[-4000:]
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                kill_tree(p)
+
+
 def build_tiny_policy(cache_dir, timeout: float = 600) -> None:
     """Build the warm-started tiny policy of :func:`small_run_config` into ``cache_dir`` once,
     before runs that share it start at the same time (each would build it otherwise)."""

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from subprocess_util import build_tiny_policy, drpo_train_cmd, kill_tree, small_run_config, step_metrics, worker_env
+from subprocess_util import (build_tiny_policy, drpo_train_cmd, kill_after_checkpoint, small_run_config,
+                             step_metrics, worker_env)
 import yaml
 
 pytestmark = pytest.mark.slow
@@ -50,23 +50,8 @@ _env = worker_env
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     build_tiny_policy(tmp_path / "cache")  # once: both runs share the cache
     run_a, run_b = tmp_path / "a", tmp_path / "b"
-    a = subprocess.Popen(_cmd(_cfg(tmp_path, 0), run_a), cwd=ROOT, env=_env(),
-                         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "a.err", "w"))
-    b = subprocess.Popen(_cmd(_cfg(tmp_path, 3), run_b), cwd=ROOT, env=_env(),
-                         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "b.err", "w"))
-    try:
-        deadline = time.time() + 900
-        while not (run_b / "checkpoint" / "trainer_state.pt").exists():
-            assert b.poll() is None, (tmp_path / "b.err").read_text()[-4000:]
-            assert time.time() < deadline, "no step-3 checkpoint in 900 s"
-            time.sleep(0.5)
-        kill_tree(b)
-        assert max(step_metrics(run_b)) < STEPS  # really interrupted
-        assert a.wait(timeout=1200) == 0, (tmp_path / "a.err").read_text()[-4000:]
-    finally:
-        for p in (a, b):
-            if p.poll() is None:
-                kill_tree(p)
+    kill_after_checkpoint(_cmd(_cfg(tmp_path, 0), run_a), _cmd(_cfg(tmp_path, 3), run_b), run_b,
+                          tmp_path, steps=STEPS)  # B saves at step 3, is killed in step 4
     proc = subprocess.run(_cmd(_cfg(tmp_path, 3), run_b, "--resume"), cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-5000:]

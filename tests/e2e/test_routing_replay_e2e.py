@@ -24,12 +24,11 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from subprocess_util import drpo_train_cmd, kill_tree, small_run_config, step_metrics, worker_env
+from subprocess_util import (build_tiny_policy, drpo_train_cmd, kill_after_checkpoint, kill_tree,
+                             small_run_config, step_metrics, worker_env)
 import yaml
 
 pytestmark = pytest.mark.slow
@@ -70,16 +69,6 @@ def _run(cmd: list[str], timeout: float = 1200) -> None:
     assert proc.returncode == 0, proc.stderr[-5000:]
 
 
-def _build_policy(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, "-c",
-                    "import sys; from drpo_megatron.platform import apply_cpu_compat; "
-                    "apply_cpu_compat(); from drpo_megatron.models.tiny import "
-                    "TinyModelConfig, ensure_tiny_checkpoint; "
-                    "ensure_tiny_checkpoint(sys.argv[1], TinyModelConfig(sft_steps=60), "
-                    "show_progress=False)", str(tmp_path / "cache")],
-                   cwd=ROOT, env=_env(), check=True, timeout=600)
-
-
 def _run_all(tmp_path: Path, cmds: dict[str, list[str]], timeout: float = 1200) -> None:
     """The runs at the same time (each one server and one trainer; they share the cores)."""
     procs = {name: subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
@@ -97,7 +86,7 @@ def _run_all(tmp_path: Path, cmds: dict[str, list[str]], timeout: float = 1200) 
 def test_routing_replay_off_record_replay(tmp_path):
     """Off / record / replay: step 1 is a paired comparison (the same samples); replay keeps the
     trainer on the engine's experts at step 2 too, after a push of new weights."""
-    _build_policy(tmp_path)
+    build_tiny_policy(tmp_path / "cache")
     runs = {mode: tmp_path / mode for mode in ("off", "record", "replay")}
     _run_all(tmp_path, {"off": _cmd(_cfg(tmp_path, "off", steps=1), runs["off"]),
                         "record": _cmd(_cfg(tmp_path, "record", steps=1), runs["record"]),
@@ -146,26 +135,11 @@ def test_routing_replay_off_record_replay(tmp_path):
 def test_routing_replay_kill_and_resume_equals_uninterrupted(tmp_path):
     """Run B (replay, saves at step 2) is killed in step 3 and resumed; every step draws the
     same samples with the same routes, and gives the same losses, as the uninterrupted run A."""
-    _build_policy(tmp_path)
+    build_tiny_policy(tmp_path / "cache")
     run_a, run_b = tmp_path / "replay_a", tmp_path / "replay_b"
-    a = subprocess.Popen(_cmd(_cfg(tmp_path, "replay", steps=STEPS), run_a), cwd=ROOT, env=_env(),
-                         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "a.err", "w"))
-    b = subprocess.Popen(_cmd(_cfg(tmp_path, "replay", steps=STEPS, save_every=2), run_b),
-                         cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                         stderr=open(tmp_path / "b.err", "w"))
-    try:
-        deadline = time.time() + 900
-        while not (run_b / "checkpoint" / "trainer_state.pt").exists():
-            assert b.poll() is None, (tmp_path / "b.err").read_text()[-4000:]
-            assert time.time() < deadline, "no step-2 checkpoint in 900 s"
-            time.sleep(0.5)
-        kill_tree(b)
-        assert max(step_metrics(run_b), default=0) < STEPS  # really interrupted
-        assert a.wait(timeout=1200) == 0, (tmp_path / "a.err").read_text()[-4000:]
-    finally:
-        for p in (a, b):
-            if p.poll() is None:
-                kill_tree(p)
+    kill_after_checkpoint(_cmd(_cfg(tmp_path, "replay", steps=STEPS), run_a),
+                          _cmd(_cfg(tmp_path, "replay", steps=STEPS, save_every=2), run_b), run_b,
+                          tmp_path, steps=STEPS)  # B saves at step 2, is killed in step 3
     _run(_cmd(_cfg(tmp_path, "replay", steps=STEPS, save_every=2), run_b, "--resume"))
     m_a, m_b = step_metrics(run_a), step_metrics(run_b)
     r_a, r_b = _rollouts(run_a), _rollouts(run_b)
